@@ -1,0 +1,179 @@
+"""The `bench` command line."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+
+from loaders.contract import LoaderError
+
+from .result import ResultError
+from .synth import SynthError
+
+
+def _run_parser(sub) -> None:
+    p = sub.add_parser("run", help="train with one loader and write a result of record",
+                       description="Train a model with one loader; rank 0 writes a JSON result under --out.")
+    p.add_argument("--loader", default="torch", help="backend name (see `bench backends`); default torch")
+    p.add_argument("--data", help="ImageFolder root with train/ and val/; default: the generated dataset (cached)")
+    p.add_argument("--model", default="small", help="small | resnet18 | resnet50 (default small)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=224)
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, help="epochs to train (default 1)")
+    length.add_argument("--steps", type=int, help="training steps to run instead of whole epochs")
+    p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup-steps", type=int, default=5, help="steps excluded from throughput (default 5)")
+    p.add_argument("--patience", type=int, default=0, help="early stopping on val loss after N bad epochs; 0 = off")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--gpus", type=int, default=1, help="N > 1: N ranks through torchrun, one per GPU")
+    p.add_argument("--cpu-ranks", type=int, default=0, help="N CPU ranks with gloo (DDP without a GPU)")
+    p.add_argument("--on-bad-sample", default="stop", choices=("stop", "skip"),
+                   help="stop (default): fail naming the file; skip: skip and count it in the result")
+    p.add_argument("--no-eval", dest="eval", action="store_false", help="skip validation")
+    p.add_argument("--eval-with-autograd", dest="eval_inference_mode", action="store_false",
+                   help="evaluate without torch.inference_mode (the naive baseline)")
+    p.add_argument("--dist-timeout", dest="dist_timeout_s", type=int, default=300,
+                   help="seconds a rank waits for the others before failing (default 300)")
+    p.add_argument("--out", default="reports/runs", help="folder for the JSON result (default reports/runs)")
+    g = p.add_argument_group("loader options (the torch backend's knobs; -o KEY=VALUE for any backend option)")
+    g.add_argument("--workers", type=int, dest="opt_num_workers", help="DataLoader worker processes")
+    g.add_argument("--pin-memory", action="store_const", const=True, dest="opt_pin_memory",
+                   help="pinned host memory + non_blocking copies")
+    g.add_argument("--persistent-workers", action="store_const", const=True, dest="opt_persistent_workers")
+    g.add_argument("--prefetch-factor", type=int, dest="opt_prefetch_factor")
+    g.add_argument("--device-normalize", action="store_const", const=True, dest="opt_device_normalize",
+                   help="uint8 batches, copy on a side CUDA stream, normalise on the device")
+    g.add_argument("-o", "--loader-opt", action="append", default=[], metavar="KEY=VALUE")
+
+
+def _coerce(backend: str, key: str, raw: str):
+    """Turn a -o value into the type the backend's Options field declares."""
+    import importlib
+
+    from loaders.registry import get_backend
+
+    module = importlib.import_module(get_backend(backend).module)
+    hints = typing.get_type_hints(module.Options)
+    if key not in hints:
+        return raw  # options_for names the unknown key
+    hint = str(hints[key])
+    if "bool" in hint:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise LoaderError(f"-o {key}={raw}: expected true or false")
+    if raw.lower() == "none" and "None" in hint:
+        return None
+    for kind in (int, float):
+        if kind.__name__ in hint:
+            try:
+                return kind(raw)
+            except ValueError:
+                raise LoaderError(f"-o {key}={raw}: expected {kind.__name__}") from None
+    return raw
+
+
+def _run_config(args):
+    from .runner import RunConfig
+
+    options = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    for item in args.loader_opt:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise LoaderError(f"-o {item}: expected KEY=VALUE")
+        options[key] = _coerce(args.loader, key, raw)
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    return RunConfig(**values, loader_options=tuple(sorted(options.items())))
+
+
+def cmd_run(args, argv: list[str]) -> int:
+    from . import runner
+
+    cfg = _run_config(args)
+    runner.check(cfg)
+    launched = "WORLD_SIZE" in os.environ  # under torchrun / SLURM already: we are one rank
+    if runner.nprocs(cfg) > 1 and not launched:
+        train_dir, _ = runner.resolve_data(cfg)
+        return runner.relaunch(cfg, argv, train_dir.parent)
+    runner.run(cfg, argv)
+    return 0
+
+
+def _synth_parser(sub) -> None:
+    from .synth import SynthSpec
+
+    d = SynthSpec()
+    p = sub.add_parser("synth", help="write the generated ImageFolder (train/, val/)")
+    p.add_argument("--out", required=True, help="folder to create")
+    p.add_argument("--classes", type=int, default=d.classes)
+    p.add_argument("--train-per-class", type=int, default=d.train_per_class)
+    p.add_argument("--val-per-class", type=int, default=d.val_per_class)
+    p.add_argument("--width", type=int, default=d.width, help="largest width (images vary down to 80%%)")
+    p.add_argument("--height", type=int, default=d.height, help="largest height (images vary down to 89%%)")
+    p.add_argument("--quality", type=int, default=d.quality, help="JPEG quality")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+
+
+def cmd_synth(args) -> int:
+    from .synth import SynthSpec, generate
+
+    spec = SynthSpec(classes=args.classes, train_per_class=args.train_per_class, val_per_class=args.val_per_class,
+                     width=args.width, height=args.height, quality=args.quality, seed=args.seed)
+    m = generate(args.out, spec, workers=args.workers)
+    print(f"{args.out}: {m['images']['train']} train + {m['images']['val']} val images, mean "
+          f"{m['mean_bytes'] / 1e3:.1f} KB at {m['mean_width']:.0f}x{m['mean_height']:.0f} px, q{spec.quality}")
+    return 0
+
+
+def cmd_backends(args) -> int:
+    from loaders import backends
+
+    for b in backends():
+        state = "installed" if b.installed else f"not installed (pip install 'loaderbench[{b.extra}]')"
+        print(f"{b.name:10s} {state:12s}  {b.summary}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench", description="Data-loading acceleration benchmarks for PyTorch.")
+    sub = p.add_subparsers(dest="command", required=True)
+    _run_parser(sub)
+    data = sub.add_parser("data", help="generate or convert datasets")
+    _synth_parser(data.add_subparsers(dest="data_command", required=True))
+    sub.add_parser("backends", help="list the loader backends and whether each is installed")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(argv)
+    from .runner import UsageError
+
+    try:
+        if args.command == "run":
+            return cmd_run(args, argv)
+        if args.command == "data":
+            return cmd_synth(args)
+        return cmd_backends(args)
+    except (LoaderError, UsageError, SynthError, ResultError) as exc:
+        rank = os.environ.get("RANK")
+        prefix = f"bench: error (rank {rank}): " if rank not in (None, "0") else "bench: error: "
+        print(prefix + str(exc), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

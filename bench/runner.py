@@ -1,0 +1,219 @@
+"""`bench run`: one run, in this process or as N ranks through torchrun."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from loaders import build_loader
+from loaders.contract import LoaderError, resolve_dtype, scan_imagefolder
+from loaders.registry import options_for
+
+from . import envinfo, result as results
+from .models import MODELS, build_model
+from .synth import MANIFEST, SynthSpec, default_dataset
+from .trainer import TrainConfig, train
+
+
+class UsageError(Exception):
+    """A bad command line: one line, exit 2."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    loader: str = "torch"
+    data: str | None = None  # ImageFolder root with train/ (and val/); None: the generated default
+    model: str = "small"
+    batch_size: int = 64
+    image_size: int = 224
+    epochs: int | None = None
+    steps: int | None = None
+    amp: str = "off"
+    channels_last: bool = False
+    compile: bool = False
+    lr: float = 0.05
+    seed: int = 0
+    warmup_steps: int = 5
+    patience: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    gpus: int = 1
+    cpu_ranks: int = 0
+    on_bad_sample: str = "stop"
+    eval: bool = True
+    eval_inference_mode: bool = True
+    dist_timeout_s: int = 300
+    out: str = "reports/runs"
+    loader_options: tuple = ()  # (key, value) pairs for the backend's own Options
+
+
+def nprocs(cfg: RunConfig) -> int:
+    return cfg.cpu_ranks or cfg.gpus
+
+
+def check(cfg: RunConfig) -> None:
+    """Everything that can be checked before any process or worker starts."""
+    if cfg.model not in MODELS:
+        raise UsageError(f"unknown --model {cfg.model!r}; known: {', '.join(MODELS)}")
+    for name in ("batch_size", "image_size", "gpus"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.epochs is not None and cfg.epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {cfg.epochs}")
+    if cfg.steps is not None and cfg.steps <= cfg.warmup_steps:
+        raise UsageError(f"--steps {cfg.steps} leaves nothing to measure after {cfg.warmup_steps} warm-up steps")
+    if cfg.cpu_ranks < 0 or (cfg.cpu_ranks and cfg.gpus > 1):
+        raise UsageError("use either --gpus N (CUDA ranks) or --cpu-ranks N (CPU ranks with gloo)")
+    if cfg.cpu_ranks and cfg.device == "cuda":
+        raise UsageError("--cpu-ranks runs on the CPU; drop --device cuda")
+    wants_cuda = cfg.device == "cuda" or cfg.gpus > 1
+    if wants_cuda and not torch.cuda.is_available():
+        raise UsageError("CUDA is not available on this machine; use --cpu-ranks N to run N CPU ranks with gloo")
+    if cfg.gpus > 1 and torch.cuda.device_count() < cfg.gpus:
+        raise UsageError(f"--gpus {cfg.gpus} but this machine has {torch.cuda.device_count()} GPU(s)")
+    if cfg.amp not in ("off", "bf16", "fp16"):
+        raise UsageError(f"--amp must be off, bf16 or fp16, got {cfg.amp!r}")
+    if cfg.amp == "fp16" and device_for(cfg).type == "cpu":
+        raise UsageError("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
+    options_for(cfg.loader, **dict(cfg.loader_options))  # unknown loader or option: a clear line
+
+
+def device_for(cfg: RunConfig) -> torch.device:
+    if cfg.cpu_ranks or cfg.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def resolve_data(cfg: RunConfig, progress: bool = True) -> tuple[Path, Path | None]:
+    """(train folder, val folder or None), checked as torchvision would index them."""
+    root = Path(cfg.data) if cfg.data else default_dataset(SynthSpec(seed=cfg.seed), progress=progress)
+    if not root.is_dir():
+        raise UsageError(f"--data {root}: folder not found")
+    train_dir, val_dir = root / "train", root / "val"
+    if not train_dir.is_dir():
+        raise UsageError(f"--data {root}: expected an ImageFolder root with train/ and val/ (ImageNet layout)")
+    n = len(scan_imagefolder(train_dir))
+    if n < nprocs(cfg):
+        raise UsageError(f"--data {root}: {n} training samples cannot be split over {nprocs(cfg)} ranks")
+    if val_dir.is_dir():
+        scan_imagefolder(val_dir)
+        return train_dir, val_dir
+    return train_dir, None
+
+
+def relaunch(cfg: RunConfig, argv: list[str], data_root: Path) -> int:
+    """Re-run this command as N ranks through torchrun (torch.distributed.run)."""
+    child = [a for a in argv]
+    if cfg.data is None:  # generated once here, not by N racing ranks
+        child += ["--data", str(data_root)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nprocs(cfg)}",
+           "-m", "bench.cli", *child]
+    env = dict(os.environ, LOADERBENCH_LAUNCHED="1")
+    if cfg.cpu_ranks:  # share the cores between ranks instead of oversubscribing them
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.cpu_ranks)))
+    return subprocess.call(cmd, env=env)
+
+
+def storage_stats(root: Path) -> dict:
+    """Storage resolution and size, from the generator's manifest or a sample of file headers."""
+    manifest = root.parent / MANIFEST
+    if manifest.is_file():
+        m = json.loads(manifest.read_text())
+        return {"source": "generated", "mean_width": m["mean_width"], "mean_height": m["mean_height"],
+                "mean_bytes": m["mean_bytes"], "jpeg_quality": m["spec"]["quality"], "spec": m["spec"]}
+    from PIL import Image
+
+    index = scan_imagefolder(root)
+    picks = index.paths[:: max(1, len(index) // 32)][:32]
+    sizes = []
+    for p in picks:
+        try:
+            with Image.open(p) as im:
+                sizes.append((im.width, im.height, os.path.getsize(p)))
+        except Exception:
+            continue
+    w, h, b = (sum(col) / len(col) for col in zip(*sizes)) if sizes else (None, None, None)
+    return {"source": "sampled headers", "files_sampled": len(sizes), "mean_width": w, "mean_height": h,
+            "mean_bytes": b, "jpeg_quality": None}
+
+
+def run(cfg: RunConfig, argv: list[str], log=print) -> Path | None:
+    """Run one benchmark in this process (one rank); rank 0 returns the result path."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    device = device_for(cfg)
+    if world_size > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
+    try:
+        return _run(cfg, argv, device, rank, world_size, log if rank == 0 else (lambda *a, **k: None))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(cfg, argv, device, rank, world_size, log) -> Path | None:
+    torch.manual_seed(cfg.seed)
+    if rank == 0 or cfg.data:
+        train_dir, val_dir = resolve_data(cfg)
+    if world_size > 1 and not cfg.data:
+        dist.barrier()  # external torchrun without --data: rank 0 generated it
+        train_dir, val_dir = resolve_data(cfg, progress=False)
+    dtype = resolve_dtype("fp32")  # autocast casts inside the model; inputs stay fp32
+    common = dict(batch_size=cfg.batch_size, image_size=cfg.image_size, device=device, dtype=dtype,
+                  channels_last=cfg.channels_last, seed=cfg.seed, rank=rank, world_size=world_size,
+                  on_bad_sample=cfg.on_bad_sample, **dict(cfg.loader_options))
+    train_loader = build_loader(cfg.loader, train_dir, train=True, **common)
+    val_loader = build_loader(cfg.loader, val_dir, train=False, **common) if (val_dir and cfg.eval) else None
+    try:
+        epochs = cfg.epochs or (math.ceil(cfg.steps / len(train_loader)) if cfg.steps else 1)
+        tcfg = TrainConfig(epochs=epochs, max_steps=cfg.steps, lr=cfg.lr, amp=cfg.amp,
+                           channels_last=cfg.channels_last, compile=cfg.compile, warmup_steps=cfg.warmup_steps,
+                           patience=cfg.patience, eval_inference_mode=cfg.eval_inference_mode)
+        if epochs * len(train_loader) <= cfg.warmup_steps:
+            raise UsageError(f"{epochs} epoch(s) x {len(train_loader)} steps leaves nothing to measure after "
+                             f"{cfg.warmup_steps} warm-up steps; raise --epochs or lower --batch-size")
+        model = build_model(cfg.model, len(train_loader.classes))
+        log(f"training {cfg.model} on {train_dir} with loader {cfg.loader}: {len(train_loader)} steps/epoch "
+            f"x {epochs} epoch(s), {world_size} rank(s) on {device}")
+        outcome = train(model, train_loader, val_loader, tcfg, device, log=log)
+    finally:
+        train_loader.close()
+        if val_loader is not None:
+            val_loader.close()
+    skipped = len(train_loader.skipped) + (len(val_loader.skipped) if val_loader else 0)
+    if world_size > 1:
+        t = torch.tensor([skipped], dtype=torch.int64)
+        dist.all_reduce(t)
+        skipped = int(t.item())
+    if rank != 0:
+        return None
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "loader_options"}
+    config.update(loader_options=dict(cfg.loader_options), world_size=world_size, device=str(device),
+                  epochs=epochs, data=str(train_dir.parent))
+    loader_info = train_loader.describe()
+    loader_info["skipped_files"] = (train_loader.skipped + (val_loader.skipped if val_loader else []))[:50]
+    data = {"train": str(train_dir), "val": str(val_dir) if val_dir else None,
+            "train_samples": len(scan_imagefolder(train_dir)), "classes": len(train_loader.classes),
+            "storage": storage_stats(train_dir)}
+    res = results.new_result(
+        command=["bench", *argv], config=config, environment=envinfo.collect(), data=data, loader=loader_info,
+        metrics=results.metrics_from(outcome, skipped),
+        samples={"step_time_s": outcome.step_time, "data_wait_s": outcome.data_wait,
+                 "compute_time_s": outcome.compute},
+    )
+    path = results.save(res, cfg.out)
+    from rich.console import Console
+
+    Console().print(results.table(res, path))
+    return path

@@ -1,0 +1,229 @@
+"""The training loop: DDP + AMP + channels_last + torch.compile, early stopping, timing.
+
+It takes any iterables of ``(images, labels)`` already on the device and never asks which
+backend made them. Throughput is images / training wall time after warm-up (evaluation time is
+measured apart), summed over ranks; per step it records the time blocked on ``next(loader)``
+and the compute time (CUDA events on GPU, the host clock on CPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many training steps, whatever the epoch
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+    amp: str = "off"  # off | bf16 | fp16
+    channels_last: bool = False
+    compile: bool = False
+    warmup_steps: int = 5  # excluded from throughput (allocator, cuDNN autotune, worker start)
+    patience: int = 0  # early stopping on validation loss; 0 = off
+    min_delta: float = 0.0
+    eval_inference_mode: bool = True  # False: evaluate with autograd on (the naive baseline)
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    train_seconds: float
+    eval_seconds: float | None = None
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+
+
+@dataclass
+class TrainResult:
+    images_per_second: float  # all ranks, after warm-up
+    measured_images: int  # all ranks, after warm-up
+    measured_seconds: float
+    steps: int
+    data_wait: list[float] = field(default_factory=list)  # per measured step, this rank (s)
+    compute: list[float] = field(default_factory=list)
+    step_time: list[float] = field(default_factory=list)
+    epochs: list[EpochRecord] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(values: list[float], device: torch.device, op=None) -> list[float]:
+    if _world()[1] == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+class _StepClock:
+    """Compute time per step: CUDA events on GPU (read once at the end), host clock on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.spans: list = []
+
+    def start(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def stop(self, begin) -> None:
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.spans.append((begin, e))
+        else:
+            self.spans.append(time.perf_counter() - begin)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def seconds(self) -> list[float]:
+        self.sync()
+        return [b.elapsed_time(e) / 1e3 for b, e in self.spans] if self.cuda else list(self.spans)
+
+
+def evaluate(model: nn.Module, loader, cfg: TrainConfig, device: torch.device) -> tuple[float, float]:
+    """(mean loss, accuracy) over every rank's shard."""
+    model.eval()
+    grad_ctx = torch.inference_mode() if cfg.eval_inference_mode else contextlib.nullcontext()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    with grad_ctx, _autocast(cfg, device):
+        for images, labels in loader:
+            logits = model(images)
+            loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").double()
+            correct += (logits.argmax(1) == labels).sum()
+            seen += labels.numel()
+    total_loss, total_correct, total_seen = _all_reduce([loss_sum.item(), correct.item(), seen], device)
+    if total_seen == 0:
+        return math.nan, math.nan
+    return total_loss / total_seen, total_correct / total_seen
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[cfg.amp])
+
+
+def train(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, device: torch.device, log=print) -> TrainResult:
+    rank, world_size = _world()
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    net = model.to(device, memory_format=memory_format)
+    train_model: nn.Module = net
+    if world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    eval_model: nn.Module = net  # unwrapped: uneven eval shards must not meet a DDP collective
+    if cfg.compile:
+        train_model, eval_model = torch.compile(train_model), torch.compile(net)
+    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")  # bf16 needs no loss scaling
+    clock = _StepClock(device)
+
+    step = 0
+    measured_images = 0
+    measured_seconds = 0.0
+    segment_start: float | None = None
+    data_wait, step_time = [], []
+    best_loss, bad_epochs = math.inf, 0
+    result = TrainResult(0.0, 0, 0.0, 0)
+    done = False
+    for epoch in range(cfg.epochs):
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        train_model.train()
+        loss_sum = torch.zeros((), device=device)
+        epoch_steps = 0
+        epoch_start = time.perf_counter()
+        it = iter(train_loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                images, labels = next(it)
+            except StopIteration:
+                break
+            t1 = time.perf_counter()
+            begin = clock.start()
+            with _autocast(cfg, device):
+                loss = nn.functional.cross_entropy(train_model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach().float()
+            step += 1
+            epoch_steps += 1
+            if step == cfg.warmup_steps:  # the measured window opens after warm-up
+                clock.sync()
+                segment_start = time.perf_counter()
+            elif step > cfg.warmup_steps:
+                clock.stop(begin)
+                measured_images += labels.shape[0]
+                data_wait.append(t1 - t0)
+                step_time.append(time.perf_counter() - t0)
+            if cfg.max_steps is not None and step >= cfg.max_steps:
+                done = True
+                break
+        del it  # end this epoch's iterator (and its workers, unless persistent) before evaluating
+        clock.sync()
+        now = time.perf_counter()
+        if segment_start is not None:
+            measured_seconds += now - segment_start
+        (train_loss,) = _all_reduce([loss_sum.item() / max(epoch_steps, 1)], device)
+        record = EpochRecord(epoch, train_loss / world_size, now - epoch_start)
+        if val_loader is not None:
+            eval_start = time.perf_counter()
+            record.val_loss, record.val_accuracy = evaluate(eval_model, val_loader, cfg, device)
+            record.eval_seconds = time.perf_counter() - eval_start
+        result.epochs.append(record)
+        if rank == 0:
+            val = "" if record.val_loss is None else f"  val loss {record.val_loss:.4f}  val acc {record.val_accuracy:.3f}"
+            log(f"epoch {epoch}: train loss {record.train_loss:.4f}  {record.train_seconds:.1f}s{val}")
+        if segment_start is not None:
+            segment_start = time.perf_counter()  # evaluation is not training time
+        if cfg.patience and record.val_loss is not None:
+            if record.val_loss < best_loss - cfg.min_delta:
+                best_loss, bad_epochs = record.val_loss, 0
+            else:
+                bad_epochs += 1
+                if bad_epochs >= cfg.patience:  # val loss is all-reduced: every rank stops together
+                    result.stopped_early = True
+                    done = True
+        if done:
+            break
+
+    total_images, max_seconds = _all_reduce([measured_images], device)[0], _all_reduce(
+        [measured_seconds], device, op=dist.ReduceOp.MAX if world_size > 1 else None
+    )[0]
+    result.steps = step
+    result.measured_images = int(total_images)
+    result.measured_seconds = max_seconds
+    result.images_per_second = total_images / max_seconds if max_seconds > 0 else math.nan
+    result.compute = clock.seconds()
+    result.data_wait = data_wait
+    result.step_time = step_time
+    return result

@@ -1,0 +1,244 @@
+"""The contract every backend implements, and the pieces they share.
+
+A loader is an iterable of ``(images, labels)`` already on ``config.device``: images normalised
+with MEAN/STD, dtype ``config.dtype``, NCHW (channels_last memory format when asked), labels
+int64 ``[N]``. ``len()`` is batches per epoch for this rank; ``set_epoch()`` reshuffles;
+``close()`` releases workers. Sharding is by global rank (see ``shard_indices``).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# One normalisation for every backend (ImageNet statistics, on the 0..1 scale).
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+BAD_SAMPLE_POLICIES = ("stop", "skip")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class LoaderError(Exception):
+    """A user error (bad option, missing data, unavailable backend): one clear line, no traceback."""
+
+
+class BadSampleError(LoaderError):
+    """A sample that cannot be decoded, under ``on_bad_sample='stop'``."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(
+            f"cannot decode {path}: {reason} "
+            "(on_bad_sample='skip' / --on-bad-sample skip skips and counts such files)"
+        )
+        self.path = path
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """What every backend is asked for; backend-specific knobs live in each backend's Options."""
+
+    data: Path | None
+    batch_size: int
+    train: bool
+    image_size: int = 224
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    channels_last: bool = False
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    drop_last: bool = False
+    on_bad_sample: str = "stop"
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise LoaderError(f"dtype {dtype} not supported; use one of {', '.join(DTYPES)}")
+        return dtype
+    if dtype not in DTYPES:
+        raise LoaderError(f"dtype {dtype!r} not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Global rank and world size: explicit arguments, else the process group, else the
+    RANK/WORLD_SIZE environment torchrun and SLURM launchers set, else a single process."""
+    if rank is not None or world_size is not None:
+        if rank is None or world_size is None:
+            raise LoaderError("pass both rank and world_size, or neither")
+        return int(rank), int(world_size)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def validate(cfg: LoaderConfig) -> None:
+    """Checks every backend needs, before any worker starts."""
+    if cfg.batch_size < 1:
+        raise LoaderError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.image_size < 8:
+        raise LoaderError(f"image_size must be >= 8, got {cfg.image_size}")
+    if cfg.world_size < 1 or not 0 <= cfg.rank < cfg.world_size:
+        raise LoaderError(f"rank {cfg.rank} is not within world_size {cfg.world_size}")
+    if cfg.on_bad_sample not in BAD_SAMPLE_POLICIES:
+        raise LoaderError(
+            f"on_bad_sample must be one of {', '.join(BAD_SAMPLE_POLICIES)}, got {cfg.on_bad_sample!r}"
+        )
+    if cfg.device.type == "cuda" and not torch.cuda.is_available():
+        raise LoaderError(f"device {cfg.device} requested but CUDA is not available on this machine")
+
+
+# --- ImageFolder scanning ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FolderIndex:
+    """An ImageFolder's samples in torchvision's order and class mapping.
+
+    Paths and labels are numpy arrays, not lists of Python tuples, so that forked DataLoader
+    workers do not touch (and so copy) one refcounted object per sample.
+    """
+
+    root: Path
+    classes: tuple[str, ...]
+    paths: np.ndarray  # unicode strings
+    labels: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def scan_imagefolder(root: Path | str) -> FolderIndex:
+    """Index an ImageFolder (class sub-folders of images) exactly as torchvision does."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    root = Path(root)
+    if not root.exists():
+        raise LoaderError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise LoaderError(f"data path is not a folder: {root}")
+    try:
+        classes, class_to_idx = find_classes(str(root))
+    except FileNotFoundError:
+        raise LoaderError(f"no class folders in {root} (expected ImageFolder layout: {root}/<class>/<image>)") from None
+    # allow_empty=True so that we can name every empty class folder ourselves.
+    samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    counts = np.bincount([label for _, label in samples], minlength=len(classes))
+    empty = [str(root / classes[i]) for i in np.flatnonzero(counts == 0)]
+    if empty:
+        shown = ", ".join(empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
+        raise LoaderError(f"class folder(s) with no images: {shown} (image extensions: {', '.join(IMG_EXTENSIONS)})")
+    return FolderIndex(
+        root=root,
+        classes=tuple(classes),
+        paths=np.array([p for p, _ in samples]),
+        labels=np.array([label for _, label in samples], dtype=np.int64),
+    )
+
+
+# --- Sharding --------------------------------------------------------------------------------
+
+
+def shard_sizes(n: int, world_size: int, pad: bool) -> tuple[int, int]:
+    """(samples per rank, padded samples in total).
+
+    ``pad=True`` (training) gives every rank ceil(n / world_size) samples, repeating at most
+    world_size - 1 samples, so DDP ranks take the same number of steps and never hang.
+    ``pad=False`` (evaluation) splits exactly; ranks may differ by one sample.
+    """
+    per_rank = math.ceil(n / world_size)
+    return (per_rank, per_rank * world_size - n) if pad else (n // world_size, 0)
+
+
+def shard_indices(n: int, rank: int, world_size: int, *, shuffle: bool, seed: int, epoch: int, pad: bool) -> np.ndarray:
+    """Indices this rank reads this epoch: the same permutation on every rank, strided by rank
+    (DistributedSampler's scheme, so it is usable by backends that do not use DistributedSampler)."""
+    if shuffle:
+        g = torch.Generator().manual_seed(seed + epoch)
+        order = torch.randperm(n, generator=g).numpy()
+    else:
+        order = np.arange(n)
+    if pad:
+        per_rank, padding = shard_sizes(n, world_size, pad=True)
+        if padding:
+            order = np.concatenate([order, order[:padding]])
+    return order[rank::world_size]
+
+
+def num_batches(num_samples: int, batch_size: int, drop_last: bool) -> int:
+    return num_samples // batch_size if drop_last else math.ceil(num_samples / batch_size)
+
+
+# --- Normalisation on the device -------------------------------------------------------------
+
+
+def normalize_uint8(images: torch.Tensor, cfg: LoaderConfig) -> torch.Tensor:
+    """uint8 NCHW -> normalised ``cfg.dtype``, in ``cfg.memory_format``, on the images' device.
+
+    Arithmetic runs in fp32 and is cast once, so bf16/fp16 outputs round only once.
+    """
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    inv_std = 1.0 / (torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255)
+    out = images.float().sub_(mean).mul_(inv_std)
+    return out.to(dtype=cfg.dtype, memory_format=cfg.memory_format)
+
+
+class BaseLoader:
+    """Shared bookkeeping; backends implement ``__iter__`` and set the counts in ``__init__``."""
+
+    name = "base"
+
+    def __init__(self, cfg: LoaderConfig, num_samples: int, padding: int, classes: tuple[str, ...]):
+        self.config = cfg
+        self.num_samples = num_samples  # samples this rank yields per epoch, padding included
+        self.padding = padding  # samples repeated across all ranks per epoch to equalise them
+        self.classes = classes
+        self.epoch = 0
+        self.skipped: list[str] = []  # files skipped under on_bad_sample='skip'
+
+    def __len__(self) -> int:
+        return num_batches(self.num_samples, self.config.batch_size, self.config.drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def describe(self) -> dict:
+        """What a result records about where and how the data was read."""
+        return {
+            "backend": self.name,
+            "num_samples_per_rank": self.num_samples,
+            "padding": self.padding,
+            "batches_per_epoch": len(self),
+            "num_classes": len(self.classes),
+        }
+
+    def _skip_or_raise(self, bad: list[tuple[str, str]]) -> None:
+        for path, reason in bad:
+            if self.config.on_bad_sample == "stop":
+                raise BadSampleError(path, reason)
+            self.skipped.append(path)

@@ -1,0 +1,219 @@
+"""`torch` backend: torchvision ImageFolder indexing + transforms v2 + DataLoader.
+
+Every acceleration knob is its own option so the harness can measure each one:
+``num_workers``, ``pin_memory`` (+ ``non_blocking`` copies), ``persistent_workers``,
+``prefetch_factor`` and ``device_normalize`` (uint8 collate, host->device copy on a side CUDA
+stream one batch ahead, normalisation on the device: timm's PrefetchLoader idea).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision.transforms import v2
+
+from .contract import (
+    MEAN,
+    STD,
+    BaseLoader,
+    FolderIndex,
+    LoaderConfig,
+    LoaderError,
+    normalize_uint8,
+    scan_imagefolder,
+    shard_indices,
+    shard_sizes,
+)
+
+
+@dataclass(frozen=True)
+class Options:
+    num_workers: int = 0
+    pin_memory: bool = False
+    non_blocking: bool | None = None  # None: follow pin_memory (non-blocking needs pinned pages)
+    persistent_workers: bool = False
+    prefetch_factor: int | None = None  # DataLoader's default (2) when workers are used
+    device_normalize: bool = False  # uint8 collate + normalise on the device
+
+
+def build(cfg: LoaderConfig, opts: Options) -> "TorchLoader":
+    if opts.num_workers < 0:
+        raise LoaderError(f"num_workers must be >= 0, got {opts.num_workers}")
+    if opts.num_workers == 0 and (opts.persistent_workers or opts.prefetch_factor is not None):
+        raise LoaderError("persistent_workers and prefetch_factor need num_workers >= 1")
+    if opts.prefetch_factor is not None and opts.prefetch_factor < 1:
+        raise LoaderError(f"prefetch_factor must be >= 1, got {opts.prefetch_factor}")
+    if cfg.data is None:
+        raise LoaderError("the torch backend needs data= (an ImageFolder split folder)")
+    index = scan_imagefolder(cfg.data)
+    if len(index) < cfg.world_size:
+        raise LoaderError(f"{len(index)} samples in {cfg.data} cannot be split over {cfg.world_size} ranks")
+    return TorchLoader(cfg, opts, index)
+
+
+def _transform(cfg: LoaderConfig, float_in_workers: bool) -> v2.Compose:
+    size = cfg.image_size
+    if cfg.train:
+        ops = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+    else:  # the standard 0.875 centre-crop ratio
+        ops = [v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size)]
+    ops.append(v2.PILToTensor())
+    if float_in_workers:
+        ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+    return v2.Compose(ops)
+
+
+class _Samples(Dataset):
+    """Decodes and augments one sample. Keys are (epoch, index) so that augmentation is seeded
+    per sample and epoch: the same seed gives the same images whatever the worker count."""
+
+    def __init__(self, index: FolderIndex, transform, seed: int):
+        self.paths, self.labels = index.paths, index.labels
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        path = str(self.paths[i])
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")  # forces the full decode, so damage shows here
+        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+            return _Bad(path, f"{type(exc).__name__}: {exc}")
+        # fork_rng keeps the caller's global RNG untouched when num_workers=0.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, epoch, int(i))) & 0x7FFF_FFFF_FFFF_FFFF)
+            return self.transform(image), int(self.labels[i])
+
+
+@dataclass(frozen=True)
+class _Bad:
+    path: str
+    reason: str
+
+
+def _collate(batch):
+    """Stack the good samples; report the bad ones to the main process, which applies the policy
+    (and counts skips, which workers could not do for it)."""
+    bad = [(b.path, b.reason) for b in batch if isinstance(b, _Bad)]
+    good = [b for b in batch if not isinstance(b, _Bad)]
+    if not good:
+        return None, None, bad
+    images = torch.stack([g[0] for g in good])
+    labels = torch.tensor([g[1] for g in good], dtype=torch.int64)
+    return images, labels, bad
+
+
+class _EpochKeys(Sampler):
+    """Wraps a rank's index sampler to yield (epoch, index) keys for ``_Samples``."""
+
+    def __init__(self, loader: "TorchLoader"):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return self.loader.num_samples
+
+    def __iter__(self):
+        epoch = self.loader.epoch
+        inner = self.loader._index_sampler
+        if isinstance(inner, DistributedSampler):
+            inner.set_epoch(epoch)
+            return ((epoch, i) for i in inner)
+        return ((epoch, int(i)) for i in inner(epoch))
+
+
+class TorchLoader(BaseLoader):
+    name = "torch"
+
+    def __init__(self, cfg: LoaderConfig, opts: Options, index: FolderIndex):
+        n = len(index)
+        per_rank, padding = shard_sizes(n, cfg.world_size, pad=cfg.train)
+        if not cfg.train:  # exact split: the first n % world_size ranks get one more sample
+            per_rank = len(range(cfg.rank, n, cfg.world_size))
+        super().__init__(cfg, per_rank, padding, index.classes)
+        self.options = opts
+        self.index = index
+        self._cuda = cfg.device.type == "cuda"
+        self._non_blocking = opts.pin_memory if opts.non_blocking is None else opts.non_blocking
+        if cfg.train:
+            # DistributedSampler pads to equal shards (<= world_size - 1 repeats): DDP never hangs.
+            self._index_sampler = DistributedSampler(
+                range(n), num_replicas=cfg.world_size, rank=cfg.rank, shuffle=True, seed=cfg.seed, drop_last=False
+            )
+        else:
+            self._index_sampler = lambda epoch: shard_indices(
+                n, cfg.rank, cfg.world_size, shuffle=False, seed=cfg.seed, epoch=epoch, pad=False
+            )
+        workers = opts.num_workers
+        self._loader = DataLoader(
+            _Samples(index, _transform(cfg, float_in_workers=not opts.device_normalize), cfg.seed),
+            batch_size=cfg.batch_size,
+            sampler=_EpochKeys(self),
+            num_workers=workers,
+            collate_fn=_collate,
+            pin_memory=opts.pin_memory and self._cuda,
+            drop_last=cfg.drop_last,
+            persistent_workers=opts.persistent_workers,
+            prefetch_factor=opts.prefetch_factor,
+            # Workers share the main process's numpy/torch seeds only through this generator.
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update(
+            decode="cpu (PIL) in DataLoader workers" if self.options.num_workers else "cpu (PIL) in the main process",
+            normalize="device" if self.options.device_normalize else "workers",
+            options={k: getattr(self.options, k) for k in self.options.__dataclass_fields__},
+            pin_memory_effective=self.options.pin_memory and self._cuda,
+        )
+        return d
+
+    def _batches(self):
+        for images, labels, bad in self._loader:
+            self._skip_or_raise(bad)
+            if images is not None:
+                yield images, labels
+
+    def _to_device(self, images: torch.Tensor, labels: torch.Tensor):
+        cfg = self.config
+        images = images.to(cfg.device, non_blocking=self._non_blocking)
+        labels = labels.to(cfg.device, non_blocking=self._non_blocking)
+        if self.options.device_normalize:
+            return normalize_uint8(images, cfg), labels
+        return images.to(dtype=cfg.dtype, memory_format=cfg.memory_format), labels
+
+    def __iter__(self):
+        if self._cuda and self.options.device_normalize:
+            yield from self._prefetch_on_side_stream()
+            return
+        for images, labels in self._batches():
+            yield self._to_device(images, labels)
+
+    def _prefetch_on_side_stream(self):
+        """Copy + normalise batch k+1 on a side stream while the model runs batch k."""
+        stream = torch.cuda.Stream(device=self.config.device)
+        pending = None
+        for images, labels in self._batches():
+            with torch.cuda.stream(stream):
+                ready = self._to_device(images, labels)
+            if pending is not None:
+                yield pending
+            torch.cuda.current_stream(self.config.device).wait_stream(stream)
+            for t in ready:  # the caching allocator must not reuse these while the main stream reads them
+                t.record_stream(torch.cuda.current_stream(self.config.device))
+            pending = ready
+        if pending is not None:
+            yield pending
+
+    def close(self) -> None:
+        # Persistent workers live as long as the DataLoader's iterator; drop it to stop them.
+        it = getattr(self._loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._loader._iterator = None

@@ -1,0 +1,61 @@
+"""`synthetic` backend: one batch resident on the device, yielded every step; no I/O, no decode.
+
+The ceiling every report divides by: the same model and step count with a loader that costs
+nothing. Sizes follow ``data`` when given (sample and class counts of the ImageFolder), so a
+synthetic epoch has as many steps as the real one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .contract import BaseLoader, LoaderConfig, LoaderError, scan_imagefolder, shard_sizes
+
+
+@dataclass(frozen=True)
+class Options:
+    num_samples: int | None = None  # default: the data folder's sample count
+    num_classes: int | None = None  # default: the data folder's class count
+
+
+def build(cfg: LoaderConfig, opts: Options) -> "SyntheticLoader":
+    num_samples, num_classes = opts.num_samples, opts.num_classes
+    if cfg.data is not None and (num_samples is None or num_classes is None):
+        index = scan_imagefolder(cfg.data)
+        num_samples = len(index) if num_samples is None else num_samples
+        num_classes = len(index.classes) if num_classes is None else num_classes
+    if num_samples is None or num_classes is None:
+        raise LoaderError("the synthetic backend needs data= or both num_samples= and num_classes=")
+    if num_samples < cfg.world_size:
+        raise LoaderError(f"{num_samples} samples cannot be split over {cfg.world_size} ranks")
+    if num_classes < 1:
+        raise LoaderError(f"num_classes must be >= 1, got {num_classes}")
+    return SyntheticLoader(cfg, num_samples, num_classes)
+
+
+class SyntheticLoader(BaseLoader):
+    name = "synthetic"
+
+    def __init__(self, cfg: LoaderConfig, num_samples: int, num_classes: int):
+        per_rank, padding = shard_sizes(num_samples, cfg.world_size, pad=cfg.train)
+        if not cfg.train:
+            per_rank = len(range(cfg.rank, num_samples, cfg.world_size))
+        super().__init__(cfg, per_rank, padding, tuple(str(c) for c in range(num_classes)))
+        g = torch.Generator().manual_seed(cfg.seed + cfg.rank)
+        b, s = cfg.batch_size, cfg.image_size
+        # Already-normalised values (mean 0, std 1), as a real backend would hand over.
+        self._images = torch.randn(b, 3, s, s, generator=g).to(cfg.device, cfg.dtype, memory_format=cfg.memory_format)
+        self._labels = torch.randint(0, num_classes, (b,), generator=g).to(cfg.device)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "decode": "none (resident batch)", "normalize": "none"}
+
+    def __iter__(self):
+        b = self.config.batch_size
+        for k in range(len(self)):
+            n = min(b, self.num_samples - k * b)
+            if n == b:
+                yield self._images, self._labels
+            else:  # the last, partial batch: a view, still no copy
+                yield self._images[:n], self._labels[:n]
