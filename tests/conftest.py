@@ -1,0 +1,130 @@
+"""Shared fixtures: a probe ImageFolder whose every image names its sample, and a small generated set."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from loaders.contract import MEAN, STD
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Probe set: flat-colour JPEGs. A crop, resize or flip of a flat image is the same flat image, so
+# the colour of any output batch row names the sample it came from, whatever the augmentation.
+PROBE_CLASSES = ("ant", "bee", "cat")  # sorted, as torchvision sorts class folders
+PROBE_TRAIN_PER_CLASS = 7  # 21 samples: odd, so 2 ranks need one padded sample in training
+PROBE_VAL_PER_CLASS = 3
+
+
+def probe_colour(sample_id: int) -> tuple[int, int, int]:
+    return (32 + 24 * (sample_id % 8), 32 + 24 * ((sample_id // 8) % 8), 200)
+
+
+def write_probe(root: Path, per_class: int, first_id: int) -> dict[int, int]:
+    """Write class folders of flat JPEGs; return {sample_id: label}."""
+    ids = {}
+    sid = first_id
+    for label, cls in enumerate(PROBE_CLASSES):
+        (root / cls).mkdir(parents=True)
+        for k in range(per_class):
+            size = (64 + 8 * (sid % 5), 48 + 6 * (sid % 3))  # varied sizes exercise the resizes
+            Image.new("RGB", size, probe_colour(sid)).save(root / cls / f"img_{sid:03d}.jpg", quality=95)
+            ids[sid] = label
+            sid += 1
+    return ids
+
+
+def decode_ids(images: torch.Tensor) -> list[int]:
+    """Map each normalised flat image back to its sample id (nearest probe colour)."""
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    rgb = (images.float().cpu() * std + mean).mul(255).mean(dim=(2, 3))  # [N, 3]
+    table = torch.tensor([probe_colour(i) for i in range(64)], dtype=torch.float32)
+    dist = torch.cdist(rgb, table)
+    best = dist.argmin(1)
+    assert (dist.min(1).values < 6).all(), f"an image is not a probe colour: {rgb[dist.min(1).values >= 6]}"
+    return best.tolist()
+
+
+@pytest.fixture(scope="session")
+def probe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("probe")
+    train = write_probe(root / "train", PROBE_TRAIN_PER_CLASS, first_id=0)
+    val = write_probe(root / "val", PROBE_VAL_PER_CLASS, first_id=len(train))
+    return {"root": root, "train": train, "val": val}
+
+
+SMALL_SPEC = dict(classes=4, train_per_class=40, val_per_class=12, width=200, height=150)
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """A small generated ImageFolder (fast to read; same generator as the default set)."""
+    from bench.synth import SynthSpec, generate
+
+    out = tmp_path_factory.mktemp("gen") / "small"
+    generate(out, SynthSpec(**SMALL_SPEC), progress=False)
+    return out
+
+
+@pytest.fixture
+def tmp_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOADERBENCH_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _as_launched(rank, fn, *args):
+    # A spawned child inherits "spawn" as its default start method, which would make every
+    # DataLoader worker re-import torch; torchrun's ranks are fresh interpreters that fork.
+    import multiprocessing
+
+    multiprocessing.set_start_method("fork", force=True)
+    fn(rank, *args)
+
+
+def run_ranks(fn, world: int, *args, timeout: float = 240) -> None:
+    """Run ``fn(rank, world, port, *args)`` in ``world`` spawned processes (a fresh interpreter
+    each: forking a process that has used OpenMP threads can deadlock) and fail, not hang, if
+    they do not finish within ``timeout`` seconds."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(_as_launched, args=(fn, world, free_port(), *args), nprocs=world, start_method="spawn",
+                             join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{world} ranks did not finish within {timeout:.0f} s")
+
+
+def bench(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the `bench` command line as a user would, in its own process."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("WORLD_SIZE", None)
+    return subprocess.run([sys.executable, "-m", "bench.cli", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def available_backends(reads_data: bool | None = None) -> list[str]:
+    from loaders import backends
+
+    names = [b.name for b in backends() if b.installed]
+    if reads_data is None:
+        return names
+    return [n for n in names if (n != "synthetic") == reads_data]
