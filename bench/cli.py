@@ -11,6 +11,7 @@ from loaders.contract import LoaderError
 
 from .result import ResultError
 from .synth import SynthError
+from .trainer import TrainError
 
 
 def _run_parser(sub) -> None:
@@ -39,6 +40,8 @@ def _run_parser(sub) -> None:
     p.add_argument("--no-eval", dest="eval", action="store_false", help="skip validation")
     p.add_argument("--eval-with-autograd", dest="eval_inference_mode", action="store_false",
                    help="evaluate without torch.inference_mode (the naive baseline)")
+    p.add_argument("--loader-only", action="store_true",
+                   help="fetch batches with no model: the loader's own images/s (--model is ignored)")
     p.add_argument("--dist-timeout", dest="dist_timeout_s", type=int, default=300,
                    help="seconds a rank waits for the others before failing (default 300)")
     p.add_argument("--out", default="reports/runs", help="folder for the JSON result (default reports/runs)")
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "data":
             return cmd_synth(args)
         return cmd_backends(args)
-    except (LoaderError, UsageError, SynthError, ResultError) as exc:
+    except (LoaderError, UsageError, SynthError, ResultError, TrainError) as exc:
         rank = os.environ.get("RANK")
         prefix = f"bench: error (rank {rank}): " if rank not in (None, "0") else "bench: error: "
         print(prefix + str(exc), file=sys.stderr)

@@ -69,9 +69,17 @@ def save(result: dict, out_dir: Path | str) -> Path:
     """Write under a new, unique name: never overwrites, never leaves a partial file
     (written to a hidden temporary, then hard-linked into place)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return _save(result, out_dir)
+    except OSError as exc:
+        raise ResultError(f"cannot write the result under {out_dir}: {exc.strerror or exc}") from None
+
+
+def _save(result: dict, out_dir: Path) -> Path:
     c = result["config"]
-    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{c['loader']}-{c['model']}-{c['world_size']}r"
+    what = "loaderonly" if c.get("loader_only") else c["model"]
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{c['loader']}-{what}-{c['world_size']}r"
     tmp = out_dir / f".{stem}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(result, indent=1, default=str))
     try:
@@ -102,7 +110,8 @@ def table(result: dict, path: Path | None = None):
     from rich.table import Table
 
     c, m = result["config"], result["metrics"]
-    t = Table(title=f"bench run: {c['loader']} / {c['model']}", show_header=False, title_justify="left")
+    what = "loader only" if c.get("loader_only") else c["model"]
+    t = Table(title=f"bench run: {c['loader']} / {what}", show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column(overflow="fold")
     fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731

@@ -21,7 +21,7 @@ from loaders.registry import options_for
 from . import envinfo, result as results
 from .models import MODELS, build_model
 from .synth import MANIFEST, SynthSpec, default_dataset
-from .trainer import TrainConfig, train
+from .trainer import TrainConfig, drain, train
 
 
 class UsageError(Exception):
@@ -50,6 +50,7 @@ class RunConfig:
     on_bad_sample: str = "stop"
     eval: bool = True
     eval_inference_mode: bool = True
+    loader_only: bool = False  # fetch batches with no model: the loader's own images/s
     dist_timeout_s: int = 300
     out: str = "reports/runs"
     loader_options: tuple = ()  # (key, value) pairs for the backend's own Options
@@ -84,6 +85,13 @@ def check(cfg: RunConfig) -> None:
     if cfg.amp == "fp16" and device_for(cfg).type == "cpu":
         raise UsageError("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
     options_for(cfg.loader, **dict(cfg.loader_options))  # unknown loader or option: a clear line
+    out = Path(cfg.out)
+    try:  # found out now, not after an hour of training
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot create the results folder ({exc.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise UsageError(f"--out {out}: folder is not writable")
 
 
 def device_for(cfg: RunConfig) -> torch.device:
@@ -173,8 +181,16 @@ def _run(cfg, argv, device, rank, world_size, log) -> Path | None:
     common = dict(batch_size=cfg.batch_size, image_size=cfg.image_size, device=device, dtype=dtype,
                   channels_last=cfg.channels_last, seed=cfg.seed, rank=rank, world_size=world_size,
                   on_bad_sample=cfg.on_bad_sample, **dict(cfg.loader_options))
-    train_loader = build_loader(cfg.loader, train_dir, train=True, **common)
-    val_loader = build_loader(cfg.loader, val_dir, train=False, **common) if (val_dir and cfg.eval) else None
+    # Training drops the last partial batch, as torchvision's and timm's reference scripts do: a
+    # ragged final batch (down to 1 sample) breaks BatchNorm and skews step times. The loader
+    # contract itself keeps every sample (drop_last=False); the result records the choice.
+    train_loader = build_loader(cfg.loader, train_dir, train=True, drop_last=True, **common)
+    if len(train_loader) == 0:
+        train_loader.close()
+        raise UsageError(f"--batch-size {cfg.batch_size} is larger than this rank's {train_loader.num_samples} "
+                         f"training samples; lower it")
+    wants_val = val_dir and cfg.eval and not cfg.loader_only
+    val_loader = build_loader(cfg.loader, val_dir, train=False, **common) if wants_val else None
     try:
         epochs = cfg.epochs or (math.ceil(cfg.steps / len(train_loader)) if cfg.steps else 1)
         tcfg = TrainConfig(epochs=epochs, max_steps=cfg.steps, lr=cfg.lr, amp=cfg.amp,
@@ -183,10 +199,15 @@ def _run(cfg, argv, device, rank, world_size, log) -> Path | None:
         if epochs * len(train_loader) <= cfg.warmup_steps:
             raise UsageError(f"{epochs} epoch(s) x {len(train_loader)} steps leaves nothing to measure after "
                              f"{cfg.warmup_steps} warm-up steps; raise --epochs or lower --batch-size")
-        model = build_model(cfg.model, len(train_loader.classes))
-        log(f"training {cfg.model} on {train_dir} with loader {cfg.loader}: {len(train_loader)} steps/epoch "
-            f"x {epochs} epoch(s), {world_size} rank(s) on {device}")
-        outcome = train(model, train_loader, val_loader, tcfg, device, log=log)
+        if cfg.loader_only:
+            log(f"loader only: {cfg.loader} on {train_dir}: {len(train_loader)} batches/epoch x {epochs} epoch(s), "
+                f"{world_size} rank(s) on {device}")
+            outcome = drain(train_loader, tcfg, device, log=log)
+        else:
+            model = build_model(cfg.model, len(train_loader.classes))
+            log(f"training {cfg.model} on {train_dir} with loader {cfg.loader}: {len(train_loader)} steps/epoch "
+                f"x {epochs} epoch(s), {world_size} rank(s) on {device}")
+            outcome = train(model, train_loader, val_loader, tcfg, device, log=log)
     finally:
         train_loader.close()
         if val_loader is not None:
@@ -200,7 +221,7 @@ def _run(cfg, argv, device, rank, world_size, log) -> Path | None:
         return None
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "loader_options"}
     config.update(loader_options=dict(cfg.loader_options), world_size=world_size, device=str(device),
-                  epochs=epochs, data=str(train_dir.parent))
+                  epochs=epochs, data=str(train_dir.parent), train_drop_last=True)
     loader_info = train_loader.describe()
     loader_info["skipped_files"] = (train_loader.skipped + (val_loader.skipped if val_loader else []))[:50]
     data = {"train": str(train_dir), "val": str(val_dir) if val_dir else None,

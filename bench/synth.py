@@ -164,7 +164,12 @@ def generate(out: Path | str, spec: SynthSpec = SynthSpec(), workers: int | None
             "seconds": round(time.perf_counter() - start, 2),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        os.rename(tmp, out)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not is_complete(out, spec):  # not another process finishing the same set first
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

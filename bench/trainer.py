@@ -17,6 +17,10 @@ import torch.distributed as dist
 from torch import nn
 
 
+class TrainError(Exception):
+    """A run the trainer cannot carry out as configured: one clear line."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 1
@@ -36,7 +40,7 @@ class TrainConfig:
 @dataclass
 class EpochRecord:
     epoch: int
-    train_loss: float
+    train_loss: float | None
     train_seconds: float
     eval_seconds: float | None = None
     val_loss: float | None = None
@@ -143,6 +147,7 @@ def train(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, device: 
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")  # bf16 needs no loss scaling
     clock = _StepClock(device)
+    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
 
     step = 0
     measured_images = 0
@@ -167,6 +172,9 @@ def train(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, device: 
             except StopIteration:
                 break
             t1 = time.perf_counter()
+            if labels.shape[0] < 2 and has_batchnorm:
+                raise TrainError(f"step {step}: a training batch of {labels.shape[0]} sample(s) cannot train "
+                                 "BatchNorm; use a larger batch size (or fewer skipped samples)")
             begin = clock.start()
             with _autocast(cfg, device):
                 loss = nn.functional.cross_entropy(train_model(images), labels)
@@ -226,4 +234,57 @@ def train(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, device: 
     result.compute = clock.seconds()
     result.data_wait = data_wait
     result.step_time = step_time
+    return result
+
+
+def drain(train_loader, cfg: TrainConfig, device: torch.device, log=print) -> TrainResult:
+    """Loader only: fetch batches with no model (the figure FFCV and the loader-landscape papers
+    publish). Same window as ``train``: images / wall time after ``warmup_steps`` batches, all ranks."""
+    rank, world_size = _world()
+    clock = _StepClock(device)
+    step, measured_images, measured_seconds = 0, 0, 0.0
+    segment_start = None
+    waits: list[float] = []
+    result = TrainResult(0.0, 0, 0.0, 0)
+    done = False
+    for epoch in range(cfg.epochs):
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        epoch_start = time.perf_counter()
+        it = iter(train_loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                _, labels = next(it)
+            except StopIteration:
+                break
+            step += 1
+            if step == cfg.warmup_steps:
+                clock.sync()  # asynchronous copies of the warm-up batches end inside the warm-up
+                segment_start = time.perf_counter()
+            elif step > cfg.warmup_steps:
+                measured_images += labels.shape[0]
+                waits.append(time.perf_counter() - t0)
+            if cfg.max_steps is not None and step >= cfg.max_steps:
+                done = True
+                break
+        del it
+        clock.sync()  # a batch counts once its copy to the device has finished
+        now = time.perf_counter()
+        if segment_start is not None:
+            measured_seconds += now - segment_start
+            segment_start = now
+        result.epochs.append(EpochRecord(epoch, None, now - epoch_start))  # no model, no loss
+        if rank == 0:
+            log(f"epoch {epoch}: {step} batches fetched, {now - epoch_start:.1f}s")
+        if done:
+            break
+    total_images = _all_reduce([measured_images], device)[0]
+    max_seconds = _all_reduce([measured_seconds], device, op=dist.ReduceOp.MAX if world_size > 1 else None)[0]
+    result.steps = step
+    result.measured_images = int(total_images)
+    result.measured_seconds = max_seconds
+    result.images_per_second = total_images / max_seconds if max_seconds > 0 else math.nan
+    result.data_wait = waits
+    result.step_time = list(waits)
     return result
