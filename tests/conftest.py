@@ -128,3 +128,19 @@ def available_backends(reads_data: bool | None = None) -> list[str]:
     if reads_data is None:
         return names
     return [n for n in names if (n != "synthetic") == reads_data]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (not verified on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst

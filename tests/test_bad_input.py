@@ -1,0 +1,130 @@
+"""Bad input through the command line, as a user meets it: one clear line naming the file or
+option, exit status 2, no traceback, and no result file that looks like a success."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from .conftest import bench, copy_tree
+
+RUN = ("run", "--steps", "8", "--warmup-steps", "2", "--batch-size", "8", "--image-size", "32")
+
+
+def fails_cleanly(out, *needles):
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("bench: error"), out.stderr[-2000:]
+    for needle in needles:
+        assert needle in last, last
+    return last
+
+
+def no_results(folder):
+    return not folder.exists() or not [p for p in folder.iterdir() if p.suffix == ".json"]
+
+
+def test_missing_data_folder(tmp_path):
+    out = bench(*RUN, "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"), cwd=tmp_path)
+    fails_cleanly(out, str(tmp_path / "nowhere"), "not found")
+    assert no_results(tmp_path / "r")
+
+
+def test_folder_without_train_split(tmp_path):
+    (tmp_path / "flat" / "cat").mkdir(parents=True)
+    out = bench(*RUN, "--data", str(tmp_path / "flat"), "--out", str(tmp_path / "r"), cwd=tmp_path)
+    fails_cleanly(out, "train/ and val/")
+
+
+def test_class_folder_without_images(probe, tmp_path):
+    data = copy_tree(probe["root"], tmp_path / "d")
+    (data / "train" / "dog").mkdir()
+    (data / "train" / "dog" / "notes.txt").write_text("not an image")
+    out = bench(*RUN, "--data", str(data), "--out", str(tmp_path / "r"), cwd=tmp_path)
+    fails_cleanly(out, str(data / "train" / "dog"), "no images")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--loader", "nope"), "unknown loader 'nope'"),
+    (("--batch-size", "0"), "--batch-size must be >= 1"),
+    (("--model", "vgg"), "unknown --model 'vgg'"),
+    (("--amp", "fp16", "--device", "cpu"), "--amp fp16 needs CUDA"),
+    (("-o", "num_wrokers=2"), "no option(s) num_wrokers"),
+    (("-o", "pin_memory=maybe"), "expected true or false"),
+    (("--workers", "0", "--prefetch-factor", "2"), "need num_workers >= 1"),
+])
+def test_impossible_options(probe, tmp_path, args, needle):
+    out = bench(*RUN, "--data", str(probe["root"]), *args, "--out", str(tmp_path / "r"), cwd=tmp_path)
+    fails_cleanly(out, needle)
+    assert no_results(tmp_path / "r")
+
+
+def test_more_ranks_than_samples(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        (tmp_path / "d" / split / "a").mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(tmp_path / "d" / split / "a" / "x.jpg")
+    out = bench(*RUN, "--data", str(tmp_path / "d"), "--cpu-ranks", "2", "--out", str(tmp_path / "r"), cwd=tmp_path)
+    fails_cleanly(out, "1 training samples cannot be split over 2 ranks")
+
+
+def damage(data):
+    """One corrupt and one truncated JPEG in train/, one zero-byte file in val/."""
+    corrupt = data / "train" / "bee" / "img_008.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg" * 10)
+    good = sorted((data / "train" / "cat").glob("*.jpg"))[0]
+    truncated = data / "train" / "cat" / "zz_truncated.jpg"
+    from PIL import Image
+    import io
+
+    buf = io.BytesIO()
+    Image.effect_noise((256, 256), 60).convert("RGB").save(buf, "JPEG", quality=90)
+    truncated.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    empty = data / "val" / "ant" / "zz_empty.jpg"
+    empty.write_bytes(b"")
+    assert good.exists()
+    return corrupt, truncated, empty
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_bad_image_stops_naming_the_file(probe, tmp_path, workers):
+    data = copy_tree(probe["root"], tmp_path / "d")
+    corrupt, truncated, _ = damage(data)
+    out = bench(*RUN, "--data", str(data), "--workers", workers, "--out", str(tmp_path / "r"), cwd=tmp_path)
+    last = fails_cleanly(out, "cannot decode", "--on-bad-sample skip")
+    assert str(corrupt) in last or str(truncated) in last
+    assert no_results(tmp_path / "r")
+
+
+def test_truncated_jpeg_alone_is_caught(probe, tmp_path):
+    data = copy_tree(probe["root"], tmp_path / "d")
+    _, truncated, empty = damage(data)
+    (data / "train" / "bee" / "img_008.jpg").unlink()
+    empty.unlink()
+    out = bench(*RUN, "--data", str(data), "--out", str(tmp_path / "r"), cwd=tmp_path)
+    fails_cleanly(out, str(truncated))
+
+
+def test_skip_policy_counts_and_names_what_it_skipped(probe, tmp_path):
+    data = copy_tree(probe["root"], tmp_path / "d")
+    corrupt, truncated, empty = damage(data)
+    out = bench("run", "--data", str(data), "--epochs", "1", "--warmup-steps", "1", "--batch-size", "11",
+                "--image-size", "32", "--workers", "2", "--on-bad-sample", "skip", "--out", str(tmp_path / "r"),
+                cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (path,) = (tmp_path / "r").glob("*.json")
+    result = json.loads(path.read_text())
+    assert result["metrics"]["skipped_samples"] == 3
+    assert sorted(result["loader"]["skipped_files"]) == sorted(map(str, (corrupt, truncated, empty)))
+    assert "skipped bad samples" in out.stdout and "3" in out.stdout
+
+
+def test_result_folder_that_is_a_file(probe, tmp_path):
+    (tmp_path / "r").write_text("I am a file")
+    out = bench(*RUN, "--data", str(probe["root"]), "--out", str(tmp_path / "r"), cwd=tmp_path)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert str(tmp_path / "r") in out.stderr.strip().splitlines()[-1]
+    assert (tmp_path / "r").read_text() == "I am a file"

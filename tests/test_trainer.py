@@ -1,0 +1,155 @@
+"""The trainer: it learns (fp32 and bf16), stops early on a stalled validation loss, and its
+throughput and data-wait figures agree with what an outside clock sees."""
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from bench import trainer
+from bench.models import build_model
+from bench.trainer import TrainConfig, TrainError, train
+
+CPU = torch.device("cpu")
+
+
+class Batches:
+    """A loader stand-in: fixed batches, an optional sleep per batch (a slow input pipeline)."""
+
+    def __init__(self, batches, sleep=0.0, first_sleep=None, warm=0):
+        self.batches, self.sleep, self.first_sleep, self.warm = batches, sleep, first_sleep, warm
+        self.epochs = []
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for k, b in enumerate(self.batches):
+            time.sleep(self.first_sleep if (self.first_sleep is not None and k < self.warm) else self.sleep)
+            yield b
+
+
+def separable(n_batches, batch=16, size=16, classes=3, seed=0):
+    """Class c = a bright quadrant-ish pattern + noise: learnable in a few dozen steps."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        y = torch.randint(0, classes, (batch,), generator=g)
+        x = torch.randn(batch, 3, size, size, generator=g) * 0.5
+        for c in range(classes):
+            x[y == c, c % 3] += 1.5
+        out.append((x, y))
+    return out
+
+
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_loss_decreases_on_the_generated_set(amp, small_data):
+    """Real data through the torch backend, fp32 and bf16 autocast on the CPU."""
+    from loaders import build_loader
+
+    torch.manual_seed(0)
+    common = dict(batch_size=16, image_size=48, device="cpu")
+    train_loader = build_loader("torch", small_data / "train", train=True, drop_last=True, **common)
+    val_loader = build_loader("torch", small_data / "val", train=False, **common)
+    res = train(build_model("small", 4), train_loader, val_loader, TrainConfig(epochs=4, lr=0.1, amp=amp,
+                warmup_steps=2), CPU, log=lambda *a: None)
+    losses = [e.train_loss for e in res.epochs]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert res.epochs[-1].val_accuracy > 0.4  # chance: 0.25
+    assert res.steps == 4 * 10 and res.measured_images == (40 - 2) * 16
+
+
+def test_loss_decreases_on_a_separable_task():
+    torch.manual_seed(0)
+    res = train(build_model("small", 3), Batches(separable(40)), Batches(separable(4, seed=1)),
+                TrainConfig(epochs=3, lr=0.05, warmup_steps=2), CPU, log=lambda *a: None)
+    losses = [e.train_loss for e in res.epochs]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert res.epochs[-1].val_accuracy > 0.8
+
+
+def test_channels_last_trains_the_same_model():
+    torch.manual_seed(0)
+    model = build_model("small", 3)
+    res = train(model, Batches(separable(10)), None, TrainConfig(epochs=1, channels_last=True, warmup_steps=2),
+                CPU, log=lambda *a: None)
+    assert math.isfinite(res.epochs[0].train_loss)
+    conv = model[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_early_stopping_after_patience_epochs(monkeypatch):
+    losses = iter([1.0, 0.9, 0.95, 0.97, 0.5, 0.4])  # best at epoch 1, then two bad epochs
+    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: (next(losses), 0.5))
+    loader = Batches(separable(3))
+    res = train(build_model("small", 3), loader, Batches(separable(1)),
+                TrainConfig(epochs=6, patience=2, warmup_steps=1), CPU, log=lambda *a: None)
+    assert res.stopped_early and len(res.epochs) == 4
+    assert loader.epochs == [0, 1, 2, 3]
+
+
+def test_no_early_stop_without_patience(monkeypatch):
+    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: (1.0, 0.5))
+    res = train(build_model("small", 3), Batches(separable(3)), Batches(separable(1)),
+                TrainConfig(epochs=3, warmup_steps=1), CPU, log=lambda *a: None)
+    assert not res.stopped_early and len(res.epochs) == 3
+
+
+def test_throughput_matches_an_outside_clock_and_excludes_warm_up():
+    """A loader that sleeps 30 ms per batch (the first 3 batches 400 ms, like worker start-up)
+    in front of a model that costs ~nothing: the steady rate is 16 / 0.03 images/s. Including
+    the warm-up would report about half of it."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+    batches = separable(40, size=4)
+    loader = Batches(batches, sleep=0.03, first_sleep=0.4, warm=3)
+    t0 = time.perf_counter()
+    res = train(model, loader, None, TrainConfig(epochs=1, warmup_steps=3), CPU, log=lambda *a: None)
+    outside = time.perf_counter() - t0
+    steady = 37 * 16 / (outside - 3 * 0.4 - 0.03 * 3)  # the outside clock minus the warm-up's sleeps
+    assert res.images_per_second == pytest.approx(steady, rel=0.08)
+    assert res.images_per_second == pytest.approx(16 / 0.03, rel=0.15)
+    assert res.measured_images == 37 * 16
+    share = sum(res.data_wait) / sum(res.step_time)
+    assert share > 0.85, share  # the step is all waiting for data
+    assert len(res.data_wait) == len(res.compute) == len(res.step_time) == 37
+
+
+def test_compute_bound_loop_has_small_data_wait():
+    model = build_model("small", 3)
+    res = train(model, Batches(separable(12, batch=32, size=64)), None, TrainConfig(epochs=1, warmup_steps=2),
+                CPU, log=lambda *a: None)
+    share = sum(res.data_wait) / sum(res.step_time)
+    assert share < 0.05, share
+    assert all(c > 0 for c in res.compute)
+
+
+def test_batch_of_one_is_a_clear_error_not_a_batchnorm_traceback():
+    data = separable(2) + [(torch.randn(1, 3, 16, 16), torch.tensor([0]))]
+    with pytest.raises(TrainError, match="batch of 1 sample"):
+        train(build_model("small", 3), Batches(data), None, TrainConfig(epochs=1, warmup_steps=1), CPU,
+              log=lambda *a: None)
+
+
+def test_eval_runs_under_inference_mode_unless_asked(monkeypatch):
+    seen = []
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3 * 4 * 4, 3)
+
+        def forward(self, x):
+            if not self.training:
+                seen.append(torch.is_inference_mode_enabled())
+            return self.lin(x.flatten(1))
+
+    for mode in (True, False):
+        train(Probe(), Batches(separable(4, size=4)), Batches(separable(1, size=4)),
+              TrainConfig(epochs=1, warmup_steps=1, eval_inference_mode=mode), CPU, log=lambda *a: None)
+    assert seen == [True, False]
