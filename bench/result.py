@@ -107,6 +107,7 @@ def load(path: Path | str) -> dict:
 
 def table(result: dict, path: Path | None = None):
     """A short rich table of one result."""
+    from rich.markup import escape
     from rich.table import Table
 
     c, m = result["config"], result["metrics"]
@@ -130,5 +131,5 @@ def table(result: dict, path: Path | None = None):
     if path is not None:
         rows.append(("result", str(path)))
     for k, v in rows:
-        t.add_row(k, v)
+        t.add_row(escape(k), escape(v))  # "[p10, p90]" is text, not rich markup
     return t

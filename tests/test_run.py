@@ -36,7 +36,7 @@ def test_run_writes_a_result_of_record(small_data, tmp_path, loader, extra):
     assert len(res["samples"]["step_time_s"]) == 7
     assert res["data"]["storage"]["source"] == "generated" and res["data"]["storage"]["jpeg_quality"] == 90
     assert res["environment"]["libraries"]["torch"] and res["environment"]["cpu_count"]
-    assert "images/s" in out.stdout
+    assert "images/s" in out.stdout and "step time median [p10, p90]" in out.stdout
 
 
 def test_results_are_never_overwritten(small_data, tmp_path):
