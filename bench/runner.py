@@ -102,7 +102,7 @@ def device_for(cfg: RunConfig) -> torch.device:
 
 def resolve_data(cfg: RunConfig, progress: bool = True) -> tuple[Path, Path | None]:
     """(train folder, val folder or None), checked as torchvision would index them."""
-    root = Path(cfg.data) if cfg.data else default_dataset(SynthSpec(seed=cfg.seed), progress=progress)
+    root = Path(cfg.data) if cfg.data else default_dataset(SynthSpec(), progress=progress)  # one default set, whatever --seed
     if not root.is_dir():
         raise UsageError(f"--data {root}: folder not found")
     train_dir, val_dir = root / "train", root / "val"

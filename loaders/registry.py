@@ -30,6 +30,8 @@ BACKENDS: dict[str, Backend] = {
     for b in (
         Backend("torch", "loaders.pytorch", "torchvision ImageFolder + transforms v2 + DataLoader"),
         Backend("synthetic", "loaders.synthetic", "a batch resident on the device; no I/O (the ceiling)"),
+        Backend("dali", "loaders.dali", "NVIDIA DALI: nvJPEG decode + GPU augmentation (CPU pipeline without CUDA)",
+                requires=("nvidia.dali",), extra="dali"),
     )
 }
 

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from .conftest import bench, copy_tree
+from .conftest import available_backends, bench, copy_tree
 
 RUN = ("run", "--steps", "8", "--warmup-steps", "2", "--batch-size", "8", "--image-size", "32")
 
@@ -89,11 +89,16 @@ def damage(data):
     return corrupt, truncated, empty
 
 
-@pytest.mark.parametrize("workers", ["0", "2"])
-def test_bad_image_stops_naming_the_file(probe, tmp_path, workers):
+READERS = [pytest.param(("--workers", "0"), id="torch-w0"), pytest.param(("--workers", "2"), id="torch-w2")]
+if "dali" in available_backends():
+    READERS.append(pytest.param(("--loader", "dali"), id="dali"))
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_bad_image_stops_naming_the_file(probe, tmp_path, reader):
     data = copy_tree(probe["root"], tmp_path / "d")
     corrupt, truncated, _ = damage(data)
-    out = bench(*RUN, "--data", str(data), "--workers", workers, "--out", str(tmp_path / "r"), cwd=tmp_path)
+    out = bench(*RUN, "--data", str(data), *reader, "--out", str(tmp_path / "r"), cwd=tmp_path)
     last = fails_cleanly(out, "cannot decode", "--on-bad-sample skip")
     assert str(corrupt) in last or str(truncated) in last
     assert no_results(tmp_path / "r")
@@ -108,11 +113,12 @@ def test_truncated_jpeg_alone_is_caught(probe, tmp_path):
     fails_cleanly(out, str(truncated))
 
 
-def test_skip_policy_counts_and_names_what_it_skipped(probe, tmp_path):
+@pytest.mark.parametrize("reader", READERS[1:])
+def test_skip_policy_counts_and_names_what_it_skipped(probe, tmp_path, reader):
     data = copy_tree(probe["root"], tmp_path / "d")
     corrupt, truncated, empty = damage(data)
     out = bench("run", "--data", str(data), "--epochs", "1", "--warmup-steps", "1", "--batch-size", "11",
-                "--image-size", "32", "--workers", "2", "--on-bad-sample", "skip", "--out", str(tmp_path / "r"),
+                "--image-size", "32", *reader, "--on-bad-sample", "skip", "--out", str(tmp_path / "r"),
                 cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     (path,) = (tmp_path / "r").glob("*.json")

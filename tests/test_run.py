@@ -9,7 +9,7 @@ import pytest
 
 from bench.result import SCHEMA, load
 
-from .conftest import bench
+from .conftest import available_backends, bench
 
 ARGS = ("--steps", "10", "--warmup-steps", "3", "--batch-size", "16", "--image-size", "64")
 
@@ -20,7 +20,12 @@ def one_result(folder):
     return load(paths[0])
 
 
-@pytest.mark.parametrize("loader,extra", [("torch", ("--workers", "2")), ("synthetic", ())])
+LOADERS = [("torch", ("--workers", "2")), ("synthetic", ())]
+if "dali" in available_backends():
+    LOADERS.append(("dali", ("-o", "num_threads=2")))
+
+
+@pytest.mark.parametrize("loader,extra", LOADERS)
 def test_run_writes_a_result_of_record(small_data, tmp_path, loader, extra):
     out = bench("run", "--loader", loader, "--data", str(small_data), *ARGS, *extra, "--out", str(tmp_path / "r"),
                 cwd=tmp_path)
@@ -49,8 +54,9 @@ def test_results_are_never_overwritten(small_data, tmp_path):
     assert not list((tmp_path / "r").glob(".*"))  # no temporaries left behind
 
 
-def test_two_cpu_ranks_through_torchrun(small_data, tmp_path):
-    out = bench("run", "--data", str(small_data), *ARGS, "--workers", "1", "--cpu-ranks", "2",
+@pytest.mark.parametrize("loader,extra", [("torch", ("--workers", "1"))] + [l for l in LOADERS if l[0] == "dali"])
+def test_two_cpu_ranks_through_torchrun(small_data, tmp_path, loader, extra):
+    out = bench("run", "--loader", loader, "--data", str(small_data), *ARGS, *extra, "--cpu-ranks", "2",
                 "--out", str(tmp_path / "r"), cwd=tmp_path, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
     res = one_result(tmp_path / "r")  # rank 0 alone writes it

@@ -1,0 +1,206 @@
+"""`dali` backend: an NVIDIA DALI pipeline over the ImageFolder.
+
+On CUDA, JPEGs are decoded with nvJPEG (``device="mixed"``, the hardware decoder taking
+``hw_decoder_load`` of the work) and cropped, flipped and normalised on the GPU. ``decode="cpu"``
+decodes and crops on the CPU and normalises on the GPU (NVIDIA's "dali-cpu" variant, faster for
+heavy models). Without CUDA the same pipeline runs with CPU operators only and ``device_id=None``.
+
+Sharding: each epoch this rank's file list is ``shard_indices`` (the permutation and padding every
+backend shares) handed to a one-shard ``fn.readers.file`` with ``pad_last_batch=True``. The reader's
+own ``shard_id``/``num_shards`` would split one fixed class-sorted list into contiguous chunks and
+shuffle only within a 1024-sample buffer; a global per-epoch permutation is what the contract
+promises. The pipeline is rebuilt per epoch (seeded by seed, epoch and rank), so ``set_epoch(e)``
+gives epoch ``e``'s order and augmentations whatever came before.
+
+Bad files: DALI fails a whole batch without naming the file, so on a pipeline error the loader
+decodes the files around the failing batch with PIL to find and name them; under ``skip`` it drops
+them and restarts the pipeline at the same place in the epoch (nothing yielded twice or lost).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .contract import (
+    MEAN,
+    STD,
+    BaseLoader,
+    FolderIndex,
+    LoaderConfig,
+    LoaderError,
+    scan_imagefolder,
+    shard_indices,
+    shard_sizes,
+)
+
+DECODES = ("auto", "gpu", "cpu")
+
+
+@dataclass(frozen=True)
+class Options:
+    decode: str = "auto"  # auto: nvJPEG on CUDA, CPU otherwise | gpu | cpu ("dali-cpu")
+    num_threads: int | None = None  # DALI CPU threads; default: the cores
+    hw_decoder_load: float = 0.65  # share of JPEGs for the hardware decoder (A100/H100), GPU decode only
+    prefetch_queue_depth: int = 2
+
+
+def build(cfg: LoaderConfig, opts: Options) -> "DaliLoader":
+    if opts.decode not in DECODES:
+        raise LoaderError(f"dali option decode must be one of {', '.join(DECODES)}, got {opts.decode!r}")
+    cuda = cfg.device.type == "cuda"
+    if opts.decode == "gpu" and not cuda:
+        raise LoaderError("dali decode='gpu' needs a CUDA device; this run's device is "
+                          f"{cfg.device} (use decode='cpu' or 'auto')")
+    if opts.num_threads is not None and opts.num_threads < 1:
+        raise LoaderError(f"dali num_threads must be >= 1, got {opts.num_threads}")
+    if not 0.0 <= opts.hw_decoder_load <= 1.0:
+        raise LoaderError(f"dali hw_decoder_load must be within 0..1, got {opts.hw_decoder_load}")
+    if opts.prefetch_queue_depth < 1:
+        raise LoaderError(f"dali prefetch_queue_depth must be >= 1, got {opts.prefetch_queue_depth}")
+    if cfg.data is None:
+        raise LoaderError("the dali backend needs data= (an ImageFolder split folder)")
+    index = scan_imagefolder(cfg.data)
+    if len(index) < cfg.world_size:
+        raise LoaderError(f"{len(index)} samples in {cfg.data} cannot be split over {cfg.world_size} ranks")
+    return DaliLoader(cfg, opts, index)
+
+
+def _pipeline(cfg: LoaderConfig, opts: Options, files: list[str], labels: list[int], seed: int, gpu_decode: bool):
+    from nvidia.dali import fn, pipeline_def, types
+
+    cuda = cfg.device.type == "cuda"
+    size = cfg.image_size
+
+    @pipeline_def(batch_size=cfg.batch_size, num_threads=opts.num_threads or os.cpu_count() or 1,
+                  # Never a device id without CUDA: DALI then refuses even CPU-only pipelines.
+                  device_id=(cfg.device.index or 0) if cuda else None, seed=seed,
+                  prefetch_queue_depth=opts.prefetch_queue_depth, exec_dynamic=True)
+    def pipe():
+        jpegs, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, pad_last_batch=True,
+                                       name="Reader")
+        decoder = dict(device="mixed", hw_decoder_load=opts.hw_decoder_load) if gpu_decode else dict(device="cpu")
+        if cfg.train:
+            images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=[0.08, 1.0],
+                                                   random_aspect_ratio=[3 / 4, 4 / 3], **decoder)
+            images = fn.resize(images, resize_x=size, resize_y=size, antialias=True)
+            mirror = fn.random.coin_flip(probability=0.5)
+        else:  # torchvision's eval: shorter side to size / 0.875, then a centre crop
+            images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
+            images = fn.resize(images, resize_shorter=round(size / 0.875), antialias=True)
+            mirror = 0
+        if cuda and not gpu_decode:
+            images = images.gpu()  # "dali-cpu": CPU decode + crop, normalise on the GPU
+        images = fn.crop_mirror_normalize(
+            images, crop=(size, size), mirror=mirror,
+            mean=[m * 255 for m in MEAN], std=[s * 255 for s in STD],
+            dtype=types.FLOAT16 if cfg.dtype == torch.float16 else types.FLOAT,
+            output_layout="HWC" if cfg.channels_last else "CHW",
+        )
+        if cuda:
+            label = label.gpu()
+        return images, label
+
+    p = pipe()
+    p.build()
+    return p
+
+
+class DaliLoader(BaseLoader):
+    name = "dali"
+
+    def __init__(self, cfg: LoaderConfig, opts: Options, index: FolderIndex):
+        n = len(index)
+        per_rank, padding = shard_sizes(n, cfg.world_size, pad=cfg.train)
+        if not cfg.train:
+            per_rank = len(range(cfg.rank, n, cfg.world_size))
+        super().__init__(cfg, per_rank, padding, index.classes)
+        self.options = opts
+        self.index = index
+        self.gpu_decode = cfg.device.type == "cuda" and opts.decode in ("auto", "gpu")
+        self._pipe = None
+
+    def describe(self) -> dict:
+        d = super().describe()
+        cuda = self.config.device.type == "cuda"
+        d.update(
+            decode="gpu (nvJPEG, DALI mixed)" if self.gpu_decode else "cpu (DALI, libjpeg-turbo)",
+            normalize="gpu (DALI)" if cuda else "cpu (DALI)",
+            options={k: getattr(self.options, k) for k in self.options.__dataclass_fields__},
+        )
+        return d
+
+    def _order(self) -> np.ndarray:
+        cfg = self.config
+        return shard_indices(len(self.index), cfg.rank, cfg.world_size, shuffle=cfg.train, seed=cfg.seed,
+                             epoch=self.epoch, pad=cfg.train)
+
+    def _start(self, order: np.ndarray, restart: int):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        self.close()
+        cfg = self.config
+        seed = hash((cfg.seed, self.epoch, cfg.rank, restart)) & 0x7FFF_FFFF
+        self._pipe = _pipeline(cfg, self.options, [str(p) for p in self.index.paths[order]],
+                               [int(v) for v in self.index.labels[order]], seed, self.gpu_decode)
+        policy = LastBatchPolicy.DROP if cfg.drop_last else LastBatchPolicy.PARTIAL
+        return DALIGenericIterator(self._pipe, ["images", "labels"], reader_name="Reader", last_batch_policy=policy,
+                                   auto_reset=False, prepare_first_batch=False)
+
+    def _find_bad(self, paths: list[str]) -> list[tuple[str, str]]:
+        from PIL import Image
+
+        bad = []
+        for path in paths:
+            try:
+                with Image.open(path) as im:
+                    im.convert("RGB")
+            except Exception as exc:
+                bad.append((path, f"{type(exc).__name__}: {exc}"))
+        return bad
+
+    def __iter__(self):
+        cfg = self.config
+        order = self._order()
+        pos, restarts = 0, 0  # samples of ``order`` already yielded
+        it = self._start(order, restarts)
+        try:
+            while True:
+                try:
+                    out = next(it)[0]
+                except StopIteration:
+                    return
+                except RuntimeError as exc:
+                    # The failing batch is at most prefetch_queue_depth + 1 batches ahead of pos.
+                    window = order[pos: pos + (self.options.prefetch_queue_depth + 2) * cfg.batch_size]
+                    bad = self._find_bad(sorted({str(p) for p in self.index.paths[window]}))
+                    if not bad:
+                        raise LoaderError(f"DALI pipeline failed reading {cfg.data}: {str(exc).splitlines()[0]}") from exc
+                    self._skip_or_raise(bad)  # raises under 'stop'
+                    bad_paths = {p for p, _ in bad}
+                    rest = order[pos:]
+                    order = rest[[str(self.index.paths[i]) not in bad_paths for i in rest]]
+                    pos, restarts = 0, restarts + 1
+                    if len(order) == 0:
+                        return
+                    it = self._start(order, restarts)
+                    continue
+                images, labels = out["images"], out["labels"]
+                pos += labels.shape[0]
+                labels = labels.view(-1).to(torch.int64)  # DALI gives int32 [N, 1]
+                if cfg.channels_last:
+                    images = images.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW: channels_last
+                if images.dtype != cfg.dtype:
+                    images = images.to(cfg.dtype)
+                if images.device != cfg.device:
+                    images, labels = images.to(cfg.device), labels.to(cfg.device)
+                yield images, labels
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._pipe is not None:
+            del self._pipe  # DALI frees its threads and buffers with the pipeline
+            self._pipe = None
