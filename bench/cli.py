@@ -105,7 +105,8 @@ def cmd_run(args, argv: list[str]) -> int:
     runner.check(cfg)
     launched = "WORLD_SIZE" in os.environ  # under torchrun / SLURM already: we are one rank
     if runner.nprocs(cfg) > 1 and not launched:
-        train_dir, _ = runner.resolve_data(cfg)
+        train_dir, val_dir = runner.resolve_data(cfg)
+        runner.prepare(cfg, train_dir, val_dir if cfg.eval and not cfg.loader_only else None)
         return runner.relaunch(cfg, argv, train_dir.parent)
     runner.run(cfg, argv)
     return 0
@@ -138,6 +139,42 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def _convert_parser(sub) -> None:
+    p = sub.add_parser("convert", help="convert an ImageFolder root to .beton files (ffcv) or a resized folder",
+                       description="Convert an ImageFolder root (train/, val/) to another storage format.")
+    p.add_argument("--to", required=True, choices=("ffcv", "folder"))
+    p.add_argument("--data", help="ImageFolder root; default: the generated dataset")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--max-resolution", type=int, help="longest side cap in px (folder: required)")
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--write-mode", default="jpg", choices=("jpg", "raw", "proportion", "smart"),
+                   help="ffcv: jpg (re-encoded), raw (decoded pixels), proportion (a mix), smart")
+    p.add_argument("--compress-probability", type=float, default=0.5, help="ffcv --write-mode proportion")
+    p.add_argument("--workers", type=int, help="processes (default: all cores)")
+
+
+def cmd_convert(args) -> int:
+    from pathlib import Path
+
+    from . import convert
+    from .synth import default_dataset
+
+    root = Path(args.data) if args.data else default_dataset()
+    out = Path(args.out)
+    if args.to == "folder":
+        if args.max_resolution is None:
+            raise LoaderError("--to folder needs --max-resolution")
+        m = convert.to_folder(root, out, args.max_resolution, args.jpeg_quality, args.workers)
+        print(f"{out}: {m['images']} images, mean {m['mean_bytes'] / 1e3:.1f} KB at {m['mean_width']:.0f}x"
+              f"{m['mean_height']:.0f} px, q{m['jpeg_quality']}, in {m['seconds']:.1f} s")
+        return 0
+    from loaders.ffcv import Storage
+
+    storage = Storage(args.write_mode, args.max_resolution, args.jpeg_quality, args.compress_probability)
+    convert.to_ffcv(root, out, storage, args.workers)
+    return 0
+
+
 def cmd_backends(args) -> int:
     from loaders import backends
 
@@ -152,7 +189,9 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     data = sub.add_parser("data", help="generate or convert datasets")
-    _synth_parser(data.add_subparsers(dest="data_command", required=True))
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    _synth_parser(data_sub)
+    _convert_parser(data_sub)
     sub.add_parser("backends", help="list the loader backends and whether each is installed")
     return p
 
@@ -166,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return cmd_run(args, argv)
         if args.command == "data":
-            return cmd_synth(args)
+            return cmd_synth(args) if args.data_command == "synth" else cmd_convert(args)
         return cmd_backends(args)
     except (LoaderError, UsageError, SynthError, ResultError, TrainError) as exc:
         rank = os.environ.get("RANK")

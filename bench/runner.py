@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib
 import json
 import math
 import os
@@ -16,10 +17,11 @@ import torch.distributed as dist
 
 from loaders import build_loader
 from loaders.contract import LoaderError, resolve_dtype, scan_imagefolder
-from loaders.registry import options_for
+from loaders.registry import get_backend, options_for
 
 from . import envinfo, result as results
 from .models import MODELS, build_model
+from .convert import FOLDER_MANIFEST
 from .synth import MANIFEST, SynthSpec, default_dataset
 from .trainer import TrainConfig, drain, train
 
@@ -105,6 +107,11 @@ def resolve_data(cfg: RunConfig, progress: bool = True) -> tuple[Path, Path | No
     root = Path(cfg.data) if cfg.data else default_dataset(SynthSpec(), progress=progress)  # one default set, whatever --seed
     if not root.is_dir():
         raise UsageError(f"--data {root}: folder not found")
+    if (root / "train.beton").exists() and not (root / "train").is_dir():  # `bench data convert --to ffcv`
+        if cfg.loader != "ffcv":
+            raise UsageError(f"--data {root} holds .beton files, which only --loader ffcv reads")
+        val = root / "val.beton"
+        return root / "train.beton", (val if val.exists() else None)
     train_dir, val_dir = root / "train", root / "val"
     if not train_dir.is_dir():
         raise UsageError(f"--data {root}: expected an ImageFolder root with train/ and val/ (ImageNet layout)")
@@ -130,13 +137,33 @@ def relaunch(cfg: RunConfig, argv: list[str], data_root: Path) -> int:
     return subprocess.call(cmd, env=env)
 
 
+def prepare(cfg: RunConfig, *splits: Path | None) -> None:
+    """Let a backend convert the data once (e.g. ffcv's .beton) before any rank starts."""
+    module = importlib.import_module(get_backend(cfg.loader).module)
+    if hasattr(module, "prepare"):
+        opts = options_for(cfg.loader, **dict(cfg.loader_options))
+        for split in splits:
+            if split is not None:
+                module.prepare(split, opts)
+
+
 def storage_stats(root: Path) -> dict:
-    """Storage resolution and size, from the generator's manifest or a sample of file headers."""
+    """Storage resolution and size, from the generator's or converter's manifest, or else a sample
+    of file headers."""
+    if root.is_file():  # a .beton given directly: its manifest is recorded as backend_storage
+        return {"source": str(root), "mean_width": None, "mean_height": None, "mean_bytes": None,
+                "jpeg_quality": None}
     manifest = root.parent / MANIFEST
     if manifest.is_file():
         m = json.loads(manifest.read_text())
         return {"source": "generated", "mean_width": m["mean_width"], "mean_height": m["mean_height"],
                 "mean_bytes": m["mean_bytes"], "jpeg_quality": m["spec"]["quality"], "spec": m["spec"]}
+    resized = root.parent / FOLDER_MANIFEST
+    if resized.is_file():
+        m = json.loads(resized.read_text())
+        return {"source": "bench data convert --to folder", "mean_width": m["mean_width"],
+                "mean_height": m["mean_height"], "mean_bytes": m["mean_bytes"], "jpeg_quality": m["jpeg_quality"],
+                "max_resolution": m["max_resolution"]}
     from PIL import Image
 
     index = scan_imagefolder(root)
@@ -225,8 +252,11 @@ def _run(cfg, argv, device, rank, world_size, log) -> Path | None:
     loader_info = train_loader.describe()
     loader_info["skipped_files"] = (train_loader.skipped + (val_loader.skipped if val_loader else []))[:50]
     data = {"train": str(train_dir), "val": str(val_dir) if val_dir else None,
-            "train_samples": len(scan_imagefolder(train_dir)), "classes": len(train_loader.classes),
+            "train_samples": train_loader.num_samples * world_size - train_loader.padding,
+            "classes": len(train_loader.classes),
             "storage": storage_stats(train_dir)}
+    if "storage" in loader_info:  # re-stored by the backend (ffcv's .beton): what it really read
+        data["storage"]["backend_storage"] = loader_info["storage"]
     res = results.new_result(
         command=["bench", *argv], config=config, environment=envinfo.collect(), data=data, loader=loader_info,
         metrics=results.metrics_from(outcome, skipped),

@@ -203,6 +203,7 @@ class BaseLoader:
     """Shared bookkeeping; backends implement ``__iter__`` and set the counts in ``__init__``."""
 
     name = "base"
+    seeded_augmentation = True  # False where the library cannot seed its crops and flips (FFCV)
 
     def __init__(self, cfg: LoaderConfig, num_samples: int, padding: int, classes: tuple[str, ...]):
         self.config = cfg

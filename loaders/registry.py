@@ -32,6 +32,8 @@ BACKENDS: dict[str, Backend] = {
         Backend("synthetic", "loaders.synthetic", "a batch resident on the device; no I/O (the ceiling)"),
         Backend("dali", "loaders.dali", "NVIDIA DALI: nvJPEG decode + GPU augmentation (CPU pipeline without CUDA)",
                 requires=("nvidia.dali",), extra="dali"),
+        Backend("ffcv", "loaders.ffcv", "FFCV: .beton files (converted once from the ImageFolder) + FFCV Loader",
+                requires=("ffcv", "numba"), extra="ffcv"),
     )
 }
 

@@ -18,3 +18,20 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
 fi
 # Backends whose libraries install from PyPI alone: dali (CPU pipeline without CUDA, ~600 MB).
 quiet_pip -e ".[dev,dali]"
+# ffcv compiles against libturbojpeg and OpenCV found through pkg-config: Debian/Ubuntu packages.
+ffcv_deps() { pkg-config --exists libturbojpeg opencv4 2>/dev/null; }
+if ! .venv/bin/python -c "import ffcv" 2>/dev/null; then
+  if ! ffcv_deps && command -v apt-get >/dev/null; then
+    echo "setup: installing libturbojpeg0-dev, libopencv-dev, pkg-config for ffcv (apt, about a minute)" >&2
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+      libturbojpeg0-dev libopencv-dev pkg-config >/dev/null
+  fi
+  if ffcv_deps; then
+    quiet_pip -e ".[ffcv]"
+  else
+    echo "setup: ffcv skipped: needs libturbojpeg and OpenCV development files (pkg-config libturbojpeg opencv4);" \
+         "the other backends are installed and its tests are skipped" >&2
+  fi
+fi

@@ -21,6 +21,7 @@ from .conftest import available_backends, decode_ids, run_ranks
 VARIANTS = {
     "torch": [dict(num_workers=0), dict(num_workers=2, device_normalize=True)],
     "dali": [dict(num_threads=2)],
+    "ffcv": [dict(num_workers=2)],
 }
 CASES = [
     pytest.param(name, opts, id=f"{name}-{'-'.join(f'{k}={v}' for k, v in opts.items()) or 'default'}")
@@ -106,41 +107,43 @@ def test_exact_once_one_rank(name, opts, train, probe):
     loader.close()
 
 
-def _rank_worker(rank, world, port, name, opts, data, train, out):
+def _rank_worker(rank, world, port, name, opts, root, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        loader = build_loader(name, data, batch_size=3, train=train, image_size=16, device="cpu", **opts)
-        record = {"len": len(loader), "padding": loader.padding, "epochs": []}
-        for epoch in range(2):
-            ids, _, batches = collect(loader, epoch)
-            record["epochs"].append({"ids": ids, "batches": batches})
-        loader.close()
+        record = {}
+        for split, train in (("train", True), ("val", False)):
+            loader = build_loader(name, root / split, batch_size=3, train=train, image_size=16, device="cpu", **opts)
+            record[split] = {"len": len(loader), "padding": loader.padding, "epochs": []}
+            for epoch in range(2):
+                ids, _, batches = collect(loader, epoch)
+                record[split]["epochs"].append({"ids": ids, "batches": batches})
+            loader.close()
         (out / f"rank{rank}.json").write_text(json.dumps(record))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("name,opts", CASES)
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_exact_once_two_ranks(name, opts, train, probe, tmp_path):
-    """Two gloo processes: the ranks' samples together cover the split exactly once per epoch,
+def test_exact_once_two_ranks(name, opts, probe, tmp_path):
+    """Two gloo processes: the ranks' samples together cover each split exactly once per epoch,
     plus exactly the padding the loader states (training keeps ranks' step counts equal)."""
-    split = "train" if train else "val"
-    run_ranks(_rank_worker, 2, name, opts, probe["root"] / split, train, tmp_path)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    n = len(probe[split])
-    for epoch in range(2):
-        seen = collections.Counter(i for r in ranks for i in r["epochs"][epoch]["ids"])
-        assert set(seen) == set(probe[split]), f"epoch {epoch}: samples missing"
-        extra = sum(seen.values()) - n
-        assert extra == ranks[0]["padding"], f"epoch {epoch}: {extra} repeats, {ranks[0]['padding']} stated"
-        for r in ranks:
-            assert r["epochs"][epoch]["batches"] == r["len"]
-    if train:
-        assert ranks[0]["padding"] == math.ceil(n / 2) * 2 - n == 1
-        assert ranks[0]["len"] == ranks[1]["len"], "unequal step counts would hang DDP"
-    else:
-        assert ranks[0]["padding"] == 0
+    run_ranks(_rank_worker, 2, name, opts, probe["root"], tmp_path)
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for split in ("train", "val"):
+        ranks = [rec[split] for rec in records]
+        n = len(probe[split])
+        for epoch in range(2):
+            seen = collections.Counter(i for r in ranks for i in r["epochs"][epoch]["ids"])
+            assert set(seen) == set(probe[split]), f"{split} epoch {epoch}: samples missing"
+            extra = sum(seen.values()) - n
+            assert extra == ranks[0]["padding"], f"{split} epoch {epoch}: {extra} repeats, {ranks[0]['padding']} stated"
+            for r in ranks:
+                assert r["epochs"][epoch]["batches"] == r["len"]
+        if split == "train":
+            assert ranks[0]["padding"] == math.ceil(n / 2) * 2 - n == 1
+            assert ranks[0]["len"] == ranks[1]["len"], "unequal step counts would hang DDP"
+        else:
+            assert ranks[0]["padding"] == 0
 
 
 @pytest.mark.parametrize("name,opts", CASES)
@@ -156,9 +159,26 @@ def test_same_seed_same_batches(name, opts, small_data):
         return out
 
     a, b, c = first_batches(0), first_batches(0), first_batches(1)
+    seeded = build_loader(name, small_data / "train", batch_size=8, device="cpu", **opts).seeded_augmentation
     for (xa, ya), (xb, yb) in zip(a, b):
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    assert not torch.equal(a[0][0], c[0][0])
+        assert torch.equal(ya, yb)  # the order always follows the seed
+        if seeded:
+            assert torch.equal(xa, xb)
+    assert not torch.equal(a[0][1], c[0][1]) and not torch.equal(a[0][0], c[0][0])
+
+
+@pytest.mark.parametrize("name,opts", CASES)
+def test_eval_batches_are_identical_for_a_seed(name, opts, small_data):
+    """Evaluation has no randomness at all, in every backend."""
+    def first(seed):
+        loader = build_loader(name, small_data / "val", batch_size=8, train=False, image_size=32, device="cpu",
+                              seed=seed, **opts)
+        x, y = next(iter(loader))
+        loader.close()
+        return x.clone(), y.clone()
+
+    (x0, y0), (x1, y1) = first(0), first(1)
+    assert torch.equal(x0, x1) and torch.equal(y0, y1)
 
 
 def test_torch_augmentation_independent_of_worker_count(small_data):

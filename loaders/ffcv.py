@@ -1,0 +1,338 @@
+"""`ffcv` backend: an ImageFolder split converted once to a ``.beton``, read by FFCV's Loader.
+
+FFCV decodes (libjpeg-turbo) and crops in numba-compiled code on its own threads; images leave it
+as uint8 and are normalised by torch on the device (FFCV's NormalizeImage hangs on the CPU after
+ToTorchImage and needs cupy on the GPU). Normalising into a new tensor also means the batches a
+caller keeps are not overwritten when FFCV reuses its output buffers.
+
+Sharding: training with world_size > 1 uses FFCV's ``distributed=True`` (DistributedSampler by
+the process group's rank: padding of at most world_size - 1 repeats, as the other backends);
+evaluation reads an exact ``rank::world_size`` split. ``data`` is a ``.beton`` or an ImageFolder
+split, converted on first use into the cache (``convert_beton``).
+
+Known limits: FFCV does not seed its augmentations (crops and flips differ between runs with
+the same seed; the order does not); its first epoch in a process spends seconds compiling,
+reported as ``first_batch_seconds``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .contract import BaseLoader, LoaderConfig, LoaderError, normalize_uint8, scan_imagefolder, shard_sizes
+
+ORDERS = ("random", "quasi_random")
+WRITE_MODES = ("jpg", "raw", "proportion", "smart")
+MANIFEST_SUFFIX = ".json"  # train.beton -> train.beton.json
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How a split is stored in the .beton (recorded beside it and in every result)."""
+
+    write_mode: str = "jpg"  # jpg: re-encoded at jpeg_quality; raw: decoded pixels; proportion: a mix
+    max_resolution: int | None = None  # longest side cap; None keeps the originals' size
+    jpeg_quality: int = 90
+    compress_probability: float = 0.5  # write_mode='proportion' only
+
+
+@dataclass(frozen=True)
+class Options:
+    num_workers: int | None = None  # FFCV threads; default and cap: the cores
+    order: str = "random"  # random | quasi_random (single rank only: FFCV forbids it distributed)
+    os_cache: bool = True  # True: memory-map through the page cache; False: FFCV's own process cache
+    batches_ahead: int = 3
+    write_mode: str = "jpg"  # storage choices used when data is an ImageFolder converted on first use
+    max_resolution: int | None = None
+    jpeg_quality: int = 90
+    compress_probability: float = 0.5
+
+
+def _import_ffcv():
+    """Import FFCV without letting it take over torch's thread count."""
+    threads = torch.get_num_threads()
+    import numba
+    from ffcv.pipeline.compiler import Compiler
+
+    torch.set_num_threads(threads)  # `import ffcv` set it to 1
+    if not getattr(Compiler, "_loaderbench_patched", False):
+        # FFCV sets torch's intra-op threads to its worker count on every epoch; keep numba's part.
+        def set_num_threads(cls, n):
+            cls.num_threads = n if n >= 1 else (os.cpu_count() or 1)
+            numba.set_num_threads(min(cls.num_threads, numba.config.NUMBA_NUM_THREADS))
+
+        Compiler.set_num_threads = classmethod(set_num_threads)
+        Compiler._loaderbench_patched = True
+
+
+def check_storage(s: Storage) -> None:
+    if s.write_mode not in WRITE_MODES:
+        raise LoaderError(f"write_mode must be one of {', '.join(WRITE_MODES)}, got {s.write_mode!r}")
+    if s.max_resolution is not None and s.max_resolution < 8:
+        raise LoaderError(f"max_resolution must be >= 8, got {s.max_resolution}")
+    if not 1 <= s.jpeg_quality <= 100:
+        raise LoaderError(f"jpeg_quality must be within 1..100, got {s.jpeg_quality}")
+    if not 0.0 <= s.compress_probability <= 1.0:
+        raise LoaderError(f"compress_probability must be within 0..1, got {s.compress_probability}")
+
+
+class _Images:
+    """(PIL image, label) per index, for FFCV's writer; a bad file stops the conversion, named."""
+
+    def __init__(self, paths: np.ndarray, labels: np.ndarray):
+        self.paths, self.labels = paths, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        path = str(self.paths[i])
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except Exception as exc:
+            raise LoaderError(f"cannot convert {path}: {type(exc).__name__}: {exc}") from None
+        return image, int(self.labels[i])
+
+
+def _validate_images(paths: np.ndarray, workers: int) -> None:
+    """Decode every image once before writing: FFCV's writer processes would hide which one failed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    def bad(path):
+        try:
+            with Image.open(path) as im:
+                im.draft("RGB", (64, 64))  # a scaled JPEG decode still reads the whole entropy stream
+                im.load()
+            return None
+        except Exception as exc:
+            return f"{path}: {type(exc).__name__}: {exc}"
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for problem in pool.map(bad, map(str, paths), chunksize=64):
+            if problem:
+                raise LoaderError(f"cannot convert {problem} (remove or replace the file, then convert again)")
+
+
+def convert_beton(split: Path | str, out: Path | str, storage: Storage = Storage(), workers: int | None = None,
+                  progress: bool = True) -> dict:
+    """Write ImageFolder ``split`` to the .beton ``out`` and its manifest ``out.json``.
+
+    Written to a hidden temporary and renamed, manifest last: a .beton without its manifest (or
+    whose size disagrees with it) is incomplete and refused by the loader.
+    """
+    _import_ffcv()
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    check_storage(storage)
+    split, out = Path(split), Path(out)
+    index = scan_imagefolder(split)
+    workers = workers or os.cpu_count() or 1
+    _validate_images(index.paths, workers)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    start = time.perf_counter()
+    try:
+        field = RGBImageField(write_mode=storage.write_mode, max_resolution=storage.max_resolution,
+                              jpeg_quality=storage.jpeg_quality, compress_probability=storage.compress_probability)
+        writer = DatasetWriter(str(tmp), {"image": field, "label": IntField()}, num_workers=workers)
+        writer.from_indexed_dataset(_Images(index.paths, index.labels), chunksize=32)
+        manifest = {
+            "kind": "loaderbench ffcv beton",
+            "source": str(split.resolve()),
+            "samples": len(index),
+            "classes": list(index.classes),
+            "storage": asdict(storage),
+            "bytes": tmp.stat().st_size,
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        os.replace(tmp, out)
+        Path(str(out) + MANIFEST_SUFFIX).write_text(json.dumps(manifest, indent=1))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if progress:
+        print(f"ffcv: wrote {out} ({manifest['bytes'] / 1e6:.1f} MB, {len(index)} samples) in "
+              f"{manifest['seconds']:.1f} s")
+    return manifest
+
+
+def read_manifest(beton: Path) -> dict:
+    """The manifest of a complete .beton, or a LoaderError naming what is wrong."""
+    m_path = Path(str(beton) + MANIFEST_SUFFIX)
+    if not beton.is_file():
+        raise LoaderError(f"ffcv file not found: {beton}")
+    if not m_path.is_file():
+        raise LoaderError(f"{beton} has no manifest {m_path.name}: an interrupted or foreign conversion; "
+                          "convert again with `bench data convert --to ffcv`")
+    try:
+        manifest = json.loads(m_path.read_text())
+    except ValueError:
+        raise LoaderError(f"{m_path} is damaged; convert again") from None
+    size = beton.stat().st_size
+    if size != manifest.get("bytes"):
+        raise LoaderError(f"{beton} is damaged: {size} bytes, its manifest says {manifest.get('bytes')}; "
+                          "convert again")
+    return manifest
+
+
+def cached_beton(split: Path, storage: Storage, progress: bool = True) -> Path:
+    """The .beton of an ImageFolder split under these storage choices, converted on first use."""
+    index = scan_imagefolder(split)
+    h = hashlib.sha1(json.dumps([str(split.resolve()), asdict(storage)]).encode())
+    for p in index.paths:  # a changed, added or removed file invalidates the conversion
+        st = os.stat(p)
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    root = Path(os.environ.get("LOADERBENCH_CACHE", Path.home() / ".cache" / "loaderbench"))
+    out = root / f"ffcv-{h.hexdigest()[:12]}" / f"{split.name}.beton"
+    try:
+        read_manifest(out)
+    except LoaderError:
+        convert_beton(split, out, storage, progress=progress)
+    return out
+
+
+def _storage(opts: Options) -> Storage:
+    return Storage(opts.write_mode, opts.max_resolution, opts.jpeg_quality, opts.compress_probability)
+
+
+def prepare(split: Path, opts: Options) -> None:
+    """Convert an ImageFolder split once, before several ranks start (they then find it cached)."""
+    if Path(split).is_dir():
+        cached_beton(Path(split), _storage(opts))
+
+
+def build(cfg: LoaderConfig, opts: Options) -> "FfcvLoader":
+    if opts.order not in ORDERS:
+        raise LoaderError(f"ffcv order must be one of {', '.join(ORDERS)}, got {opts.order!r}")
+    if opts.num_workers is not None and opts.num_workers < 1:
+        raise LoaderError(f"ffcv num_workers must be >= 1, got {opts.num_workers}")
+    if opts.batches_ahead < 1:
+        raise LoaderError(f"ffcv batches_ahead must be >= 1, got {opts.batches_ahead}")
+    storage = _storage(opts)
+    check_storage(storage)
+    distributed = cfg.train and cfg.world_size > 1
+    if distributed:
+        if opts.order == "quasi_random":
+            raise LoaderError("ffcv order 'quasi_random' cannot be used with several ranks (FFCV forbids it "
+                              "with distributed=True); use order='random'")
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            raise LoaderError("ffcv training on several ranks needs an initialised torch.distributed process "
+                              "group (FFCV takes the rank from it)")
+        if dist.get_rank() != cfg.rank or dist.get_world_size() != cfg.world_size:
+            raise LoaderError(f"ffcv: rank {cfg.rank}/{cfg.world_size} differs from the process group's "
+                              f"{dist.get_rank()}/{dist.get_world_size()}")
+    if cfg.data is None:
+        raise LoaderError("the ffcv backend needs data= (a .beton, or an ImageFolder split to convert)")
+    data = Path(cfg.data)
+    if data.is_dir():
+        data = cached_beton(data, storage, progress=cfg.rank == 0)
+    manifest = read_manifest(data)
+    if manifest["samples"] < cfg.world_size:
+        raise LoaderError(f"{manifest['samples']} samples in {data} cannot be split over {cfg.world_size} ranks")
+    return FfcvLoader(cfg, opts, data, manifest, distributed)
+
+
+class FfcvLoader(BaseLoader):
+    name = "ffcv"
+    seeded_augmentation = False
+
+    def __init__(self, cfg: LoaderConfig, opts: Options, beton: Path, manifest: dict, distributed: bool):
+        n = manifest["samples"]
+        per_rank, padding = shard_sizes(n, cfg.world_size, pad=cfg.train)
+        if not cfg.train:
+            per_rank = len(range(cfg.rank, n, cfg.world_size))
+        super().__init__(cfg, per_rank, padding, tuple(manifest["classes"]))
+        self.options, self.beton, self.manifest = opts, beton, manifest
+        cores = os.cpu_count() or 1
+        self.workers = min(opts.num_workers or cores, cores)
+        self.note = (f"num_workers {opts.num_workers} capped at the {cores} cores (FFCV refuses more)"
+                     if opts.num_workers and opts.num_workers > cores else None)
+        self.first_batch_seconds: float | None = None  # includes numba's compilation (first epoch)
+        self._loader = self._make(distributed)
+
+    def _make(self, distributed: bool):
+        _import_ffcv()
+        from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+
+        cfg = self.config
+        size = cfg.image_size
+        if cfg.train:
+            image = [RandomResizedCropRGBImageDecoder((size, size)), RandomHorizontalFlip()]
+        else:
+            image = [CenterCropRGBImageDecoder((size, size), ratio=0.875)]
+        image.append(ToTensor())
+        label = [IntDecoder(), ToTensor(), Squeeze()]
+        if cfg.device.type == "cuda":
+            image.append(ToDevice(cfg.device, non_blocking=True))
+            label.append(ToDevice(cfg.device, non_blocking=True))
+        image.append(ToTorchImage(channels_last=True))  # a view: NHWC storage seen as NCHW
+        order = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM}[self.options.order]
+        kwargs = dict(batch_size=cfg.batch_size, num_workers=self.workers, os_cache=self.options.os_cache,
+                      drop_last=cfg.drop_last, batches_ahead=self.options.batches_ahead, seed=cfg.seed,
+                      pipelines={"image": image, "label": label})
+        if cfg.train:
+            kwargs.update(order=order, distributed=distributed)
+        else:  # exact split, no padding
+            n = self.manifest["samples"]
+            kwargs.update(order=OrderOption.SEQUENTIAL, indices=np.arange(cfg.rank, n, cfg.world_size))
+        threads = torch.get_num_threads()
+        try:
+            return Loader(str(self.beton), **kwargs)
+        except Exception as exc:
+            raise LoaderError(f"ffcv cannot read {self.beton}: {type(exc).__name__}: {exc}") from None
+        finally:
+            torch.set_num_threads(threads)
+
+    def describe(self) -> dict:
+        d = super().describe()
+        cuda = self.config.device.type == "cuda"
+        d.update(
+            decode="cpu (FFCV, libjpeg-turbo, numba threads)",
+            normalize="gpu (torch)" if cuda else "cpu (torch)",
+            options={k: getattr(self.options, k) for k in self.options.__dataclass_fields__},
+            num_workers=self.workers,
+            note=self.note,
+            beton=str(self.beton),
+            storage=self.manifest["storage"],
+            first_batch_seconds=self.first_batch_seconds,
+        )
+        return d
+
+    def __iter__(self):
+        cfg = self.config
+        self._loader.next_epoch = self.epoch  # FFCV counts epochs itself; set_epoch decides
+        threads = torch.get_num_threads()
+        start = time.perf_counter()
+        it = iter(self._loader)
+        torch.set_num_threads(threads)
+        try:
+            for images, labels in it:
+                if self.first_batch_seconds is None:
+                    self.first_batch_seconds = time.perf_counter() - start
+                labels = labels.view(-1)
+                # New tensors (FFCV reuses its buffers): normalised images and int64 labels.
+                labels = labels.to(torch.int64, copy=True)
+                yield normalize_uint8(images, cfg), labels
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    def close(self) -> None:
+        pass
