@@ -152,6 +152,19 @@ def scan_imagefolder(root: Path | str) -> FolderIndex:
     )
 
 
+def decode_problem(path: str) -> str | None:
+    """Why ``path`` cannot be decoded as an RGB image, or None if it can (a full decode: truncated
+    JPEGs only show there). For backends whose decoder fails without naming the file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.convert("RGB")
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 # --- Sharding --------------------------------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ from .contract import (
     FolderIndex,
     LoaderConfig,
     LoaderError,
+    decode_problem,
     scan_imagefolder,
     shard_indices,
     shard_sizes,
@@ -149,18 +150,6 @@ class DaliLoader(BaseLoader):
         return DALIGenericIterator(self._pipe, ["images", "labels"], reader_name="Reader", last_batch_policy=policy,
                                    auto_reset=False, prepare_first_batch=False)
 
-    def _find_bad(self, paths: list[str]) -> list[tuple[str, str]]:
-        from PIL import Image
-
-        bad = []
-        for path in paths:
-            try:
-                with Image.open(path) as im:
-                    im.convert("RGB")
-            except Exception as exc:
-                bad.append((path, f"{type(exc).__name__}: {exc}"))
-        return bad
-
     def __iter__(self):
         cfg = self.config
         order = self._order()
@@ -175,7 +164,8 @@ class DaliLoader(BaseLoader):
                 except RuntimeError as exc:
                     # The failing batch is at most prefetch_queue_depth + 1 batches ahead of pos.
                     window = order[pos: pos + (self.options.prefetch_queue_depth + 2) * cfg.batch_size]
-                    bad = self._find_bad(sorted({str(p) for p in self.index.paths[window]}))
+                    paths = sorted({str(p) for p in self.index.paths[window]})
+                    bad = [(p, why) for p, why in zip(paths, map(decode_problem, paths)) if why]
                     if not bad:
                         raise LoaderError(f"DALI pipeline failed reading {cfg.data}: {str(exc).splitlines()[0]}") from exc
                     self._skip_or_raise(bad)  # raises under 'stop'

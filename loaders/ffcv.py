@@ -26,7 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .contract import BaseLoader, LoaderConfig, LoaderError, normalize_uint8, scan_imagefolder, shard_sizes
+from .contract import (
+    BaseLoader,
+    LoaderConfig,
+    LoaderError,
+    decode_problem,
+    normalize_uint8,
+    scan_imagefolder,
+    shard_sizes,
+)
 
 ORDERS = ("random", "quasi_random")
 WRITE_MODES = ("jpg", "raw", "proportion", "smart")
@@ -108,21 +116,11 @@ def _validate_images(paths: np.ndarray, workers: int) -> None:
     """Decode every image once before writing: FFCV's writer processes would hide which one failed."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from PIL import Image
-
-    def bad(path):
-        try:
-            with Image.open(path) as im:
-                im.draft("RGB", (64, 64))  # a scaled JPEG decode still reads the whole entropy stream
-                im.load()
-            return None
-        except Exception as exc:
-            return f"{path}: {type(exc).__name__}: {exc}"
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for problem in pool.map(bad, map(str, paths), chunksize=64):
+    names = list(map(str, paths))
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL while decoding
+        for path, problem in zip(names, pool.map(decode_problem, names, chunksize=64)):
             if problem:
-                raise LoaderError(f"cannot convert {problem} (remove or replace the file, then convert again)")
+                raise LoaderError(f"cannot convert {path}: {problem} (remove or replace the file, then convert again)")
 
 
 def convert_beton(split: Path | str, out: Path | str, storage: Storage = Storage(), workers: int | None = None,
