@@ -114,3 +114,12 @@ def test_bench_run_records_storage_and_warm_up(small_data, tmp_path):
     assert res["data"]["storage"]["backend_storage"]["max_resolution"] == 128
     assert res["loader"]["first_batch_seconds"] > 0
     assert res["metrics"]["measured_images"] == 7 * 16
+
+
+def test_quasi_random_on_one_rank_covers_every_sample(converted, probe):
+    from .conftest import decode_ids
+
+    loader = build_loader("ffcv", converted / "train.beton", batch_size=4, image_size=16, device="cpu",
+                          order="quasi_random", num_workers=1)
+    ids = [i for x, _ in loader for i in decode_ids(x)]
+    assert sorted(ids) == sorted(probe["train"])

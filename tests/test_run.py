@@ -54,7 +54,12 @@ def test_results_are_never_overwritten(small_data, tmp_path):
     assert not list((tmp_path / "r").glob(".*"))  # no temporaries left behind
 
 
-@pytest.mark.parametrize("loader,extra", [("torch", ("--workers", "1"))] + [l for l in LOADERS if l[0] == "dali"])
+RANKED = [("torch", ("--workers", "1"))] + [l for l in LOADERS if l[0] == "dali"]
+if "ffcv" in available_backends():
+    RANKED.append(("ffcv", ("-o", "num_workers=1")))
+
+
+@pytest.mark.parametrize("loader,extra", RANKED)
 def test_two_cpu_ranks_through_torchrun(small_data, tmp_path, loader, extra):
     out = bench("run", "--loader", loader, "--data", str(small_data), *ARGS, *extra, "--cpu-ranks", "2",
                 "--out", str(tmp_path / "r"), cwd=tmp_path, timeout=400)
