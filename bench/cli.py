@@ -140,16 +140,21 @@ def cmd_synth(args) -> int:
 
 
 def _convert_parser(sub) -> None:
-    p = sub.add_parser("convert", help="convert an ImageFolder root to .beton files (ffcv) or a resized folder",
+    p = sub.add_parser("convert", help="convert an ImageFolder root to .beton files (ffcv), tar shards (wds) "
+                       "or a resized folder",
                        description="Convert an ImageFolder root (train/, val/) to another storage format.")
-    p.add_argument("--to", required=True, choices=("ffcv", "folder"))
+    p.add_argument("--to", required=True, choices=("ffcv", "wds", "folder"))
     p.add_argument("--data", help="ImageFolder root; default: the generated dataset")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--max-resolution", type=int, help="longest side cap in px (folder: required)")
+    p.add_argument("--max-resolution", type=int, help="longest side cap in px (folder: required; wds: re-encodes)")
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--write-mode", default="jpg", choices=("jpg", "raw", "proportion", "smart"),
                    help="ffcv: jpg (re-encoded), raw (decoded pixels), proportion (a mix), smart")
     p.add_argument("--compress-probability", type=float, default=0.5, help="ffcv --write-mode proportion")
+    p.add_argument("--shard-samples", type=int, help="wds: samples per shard (default: from --shard-mb)")
+    p.add_argument("--shard-mb", type=float, default=64.0,
+                   help="wds: target shard size in MB when --shard-samples is not given (at least 16 shards)")
+    p.add_argument("--seed", type=int, default=0, help="wds: seed of the sample order written")
     p.add_argument("--workers", type=int, help="processes (default: all cores)")
 
 
@@ -167,6 +172,17 @@ def cmd_convert(args) -> int:
         m = convert.to_folder(root, out, args.max_resolution, args.jpeg_quality, args.workers)
         print(f"{out}: {m['images']} images, mean {m['mean_bytes'] / 1e3:.1f} KB at {m['mean_width']:.0f}x"
               f"{m['mean_height']:.0f} px, q{m['jpeg_quality']}, in {m['seconds']:.1f} s")
+        return 0
+    if args.to == "wds":
+        from loaders.wds import Sharding
+
+        sharding = Sharding(args.shard_samples, args.shard_mb, args.max_resolution, args.jpeg_quality, args.seed)
+        for m, split in zip(convert.to_wds(root, out, sharding, args.workers), convert.splits_of(root)):
+            sizes = [s["bytes"] for s in m["shards"]]
+            counts = [s["samples"] for s in m["shards"]]
+            print(f"{out / split}: {len(sizes)} shards of {min(counts)}-{max(counts)} samples, "
+                  f"{min(sizes) / 1e6:.1f}-{max(sizes) / 1e6:.1f} MB, in {m['seconds']:.1f} s"
+                  + ("" if m["dali_index"] else " (no DALI index: DALI not installed)"))
         return 0
     from loaders.ffcv import Storage
 

@@ -1,6 +1,7 @@
 """`bench data convert`: an ImageFolder root (train/, val/) to another storage format.
 
-``--to ffcv`` writes ``train.beton`` and ``val.beton`` (each with its manifest); ``--to folder``
+``--to ffcv`` writes ``train.beton`` and ``val.beton`` (each with its manifest); ``--to wds`` writes
+``train/`` and ``val/`` folders of tar shards (each with its manifest); ``--to folder``
 writes a resized copy of the ImageFolder, so that every backend can read images stored at the
 same resolution and quality (storage resolution dominates decode cost: compare like with like).
 Every output is written under a temporary name and renamed when complete.
@@ -18,6 +19,7 @@ from loaders.contract import LoaderError, scan_imagefolder
 
 SPLITS = ("train", "val")
 FOLDER_MANIFEST = "storage.json"
+WDS_MANIFEST = "manifest.json"  # loaders.wds.MANIFEST (kept here so the harness need not import webdataset)
 
 
 def splits_of(root: Path) -> list[str]:
@@ -34,6 +36,17 @@ def to_ffcv(root: Path, out: Path, storage, workers: int | None = None) -> list[
 
     out.mkdir(parents=True, exist_ok=True)
     return [convert_beton(root / s, out / f"{s}.beton", storage, workers=workers) for s in splits_of(root)]
+
+
+def to_wds(root: Path, out: Path, sharding, workers: int | None = None) -> list[dict]:
+    """``out/train`` and ``out/val``: tar shards and their manifests (each split written atomically)."""
+    from loaders.wds import convert_shards
+
+    splits = splits_of(root)
+    taken = [out / s for s in splits if (out / s).exists()]
+    if taken:
+        raise LoaderError(f"--out {out}: {taken[0]} exists; choose a new folder")
+    return [convert_shards(root / s, out / s, sharding, workers=workers) for s in splits]
 
 
 def _resize_one(args) -> tuple[int, int, int]:

@@ -21,7 +21,7 @@ from loaders.registry import get_backend, options_for
 
 from . import envinfo, result as results
 from .models import MODELS, build_model
-from .convert import FOLDER_MANIFEST
+from .convert import FOLDER_MANIFEST, WDS_MANIFEST
 from .synth import MANIFEST, SynthSpec, default_dataset
 from .trainer import TrainConfig, drain, train
 
@@ -113,6 +113,10 @@ def resolve_data(cfg: RunConfig, progress: bool = True) -> tuple[Path, Path | No
         val = root / "val.beton"
         return root / "train.beton", (val if val.exists() else None)
     train_dir, val_dir = root / "train", root / "val"
+    if (train_dir / WDS_MANIFEST).is_file():  # `bench data convert --to wds`
+        if cfg.loader != "wds" and not (cfg.loader == "dali" and dict(cfg.loader_options).get("reader") == "wds"):
+            raise UsageError(f"--data {root} holds webdataset shards, which --loader wds (or dali -o reader=wds) reads")
+        return train_dir, (val_dir if (val_dir / WDS_MANIFEST).is_file() else None)
     if not train_dir.is_dir():
         raise UsageError(f"--data {root}: expected an ImageFolder root with train/ and val/ (ImageNet layout)")
     n = len(scan_imagefolder(train_dir))
@@ -153,6 +157,10 @@ def storage_stats(root: Path) -> dict:
     if root.is_file():  # a .beton given directly: its manifest is recorded as backend_storage
         return {"source": str(root), "mean_width": None, "mean_height": None, "mean_bytes": None,
                 "jpeg_quality": None}
+    if (root / WDS_MANIFEST).is_file():  # shards given directly: their manifest is recorded as backend_storage
+        m = json.loads((root / WDS_MANIFEST).read_text())
+        return {"source": m["source"], "mean_width": None, "mean_height": None,
+                "mean_bytes": m["storage"]["mean_bytes"], "jpeg_quality": m["storage"]["jpeg_quality"]}
     manifest = root.parent / MANIFEST
     if manifest.is_file():
         m = json.loads(manifest.read_text())

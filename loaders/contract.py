@@ -165,6 +165,22 @@ def decode_problem(path: str) -> str | None:
     return None
 
 
+def cache_dir(kind: str, split: Path, settings: dict) -> Path:
+    """Where a backend keeps its conversion of an ImageFolder split under these settings: keyed by
+    the split's path and every file's name, size and mtime, so a changed, added or removed file
+    (or other settings) gives a new conversion."""
+    import hashlib
+    import json
+
+    index = scan_imagefolder(split)
+    h = hashlib.sha1(json.dumps([str(Path(split).resolve()), settings]).encode())
+    for p in index.paths:
+        st = os.stat(p)
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    root = Path(os.environ.get("LOADERBENCH_CACHE", Path.home() / ".cache" / "loaderbench"))
+    return root / f"{kind}-{h.hexdigest()[:12]}"
+
+
 # --- Sharding --------------------------------------------------------------------------------
 
 

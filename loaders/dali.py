@@ -19,7 +19,9 @@ them and restarts the pipeline at the same place in the epoch (nothing yielded t
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,6 +40,7 @@ from .contract import (
 )
 
 DECODES = ("auto", "gpu", "cpu")
+READERS = ("file", "wds")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class Options:
     num_threads: int | None = None  # DALI CPU threads; default: the cores
     hw_decoder_load: float = 0.65  # share of JPEGs for the hardware decoder (A100/H100), GPU decode only
     prefetch_queue_depth: int = 2
+    reader: str = "file"  # file: the ImageFolder's JPEGs | wds: the wds backend's tar shards (fn.readers.webdataset)
 
 
 def build(cfg: LoaderConfig, opts: Options) -> "DaliLoader":
@@ -61,15 +65,20 @@ def build(cfg: LoaderConfig, opts: Options) -> "DaliLoader":
         raise LoaderError(f"dali hw_decoder_load must be within 0..1, got {opts.hw_decoder_load}")
     if opts.prefetch_queue_depth < 1:
         raise LoaderError(f"dali prefetch_queue_depth must be >= 1, got {opts.prefetch_queue_depth}")
+    if opts.reader not in READERS:
+        raise LoaderError(f"dali option reader must be one of {', '.join(READERS)}, got {opts.reader!r}")
     if cfg.data is None:
         raise LoaderError("the dali backend needs data= (an ImageFolder split folder)")
+    if opts.reader == "wds":
+        return _build_wds(cfg, opts)
     index = scan_imagefolder(cfg.data)
     if len(index) < cfg.world_size:
         raise LoaderError(f"{len(index)} samples in {cfg.data} cannot be split over {cfg.world_size} ranks")
     return DaliLoader(cfg, opts, index)
 
 
-def _pipeline(cfg: LoaderConfig, opts: Options, files: list[str], labels: list[int], seed: int, gpu_decode: bool):
+def _pipeline(cfg: LoaderConfig, opts: Options, reader: dict, seed: int, gpu_decode: bool):
+    """``reader``: the arguments of fn.readers.file (files, labels) or of fn.readers.webdataset (paths...)."""
     from nvidia.dali import fn, pipeline_def, types
 
     cuda = cfg.device.type == "cuda"
@@ -80,8 +89,12 @@ def _pipeline(cfg: LoaderConfig, opts: Options, files: list[str], labels: list[i
                   device_id=(cfg.device.index or 0) if cuda else None, seed=seed,
                   prefetch_queue_depth=opts.prefetch_queue_depth, exec_dynamic=True)
     def pipe():
-        jpegs, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, pad_last_batch=True,
-                                       name="Reader")
+        if "paths" in reader:
+            jpegs, label = fn.readers.webdataset(ext=["jpg", "lbl"], dtypes=[types.UINT8, types.INT64],
+                                                 missing_component_behavior="error", pad_last_batch=True,
+                                                 stick_to_shard=True, name="Reader", **reader)
+        else:
+            jpegs, label = fn.readers.file(random_shuffle=False, pad_last_batch=True, name="Reader", **reader)
         decoder = dict(device="mixed", hw_decoder_load=opts.hw_decoder_load) if gpu_decode else dict(device="cpu")
         if cfg.train:
             images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=[0.08, 1.0],
@@ -144,8 +157,8 @@ class DaliLoader(BaseLoader):
         self.close()
         cfg = self.config
         seed = hash((cfg.seed, self.epoch, cfg.rank, restart)) & 0x7FFF_FFFF
-        self._pipe = _pipeline(cfg, self.options, [str(p) for p in self.index.paths[order]],
-                               [int(v) for v in self.index.labels[order]], seed, self.gpu_decode)
+        files = dict(files=[str(p) for p in self.index.paths[order]], labels=[int(v) for v in self.index.labels[order]])
+        self._pipe = _pipeline(cfg, self.options, files, seed, self.gpu_decode)
         policy = LastBatchPolicy.DROP if cfg.drop_last else LastBatchPolicy.PARTIAL
         return DALIGenericIterator(self._pipe, ["images", "labels"], reader_name="Reader", last_batch_policy=policy,
                                    auto_reset=False, prepare_first_batch=False)
@@ -177,20 +190,119 @@ class DaliLoader(BaseLoader):
                         return
                     it = self._start(order, restarts)
                     continue
-                images, labels = out["images"], out["labels"]
-                pos += labels.shape[0]
-                labels = labels.view(-1).to(torch.int64)  # DALI gives int32 [N, 1]
-                if cfg.channels_last:
-                    images = images.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW: channels_last
-                if images.dtype != cfg.dtype:
-                    images = images.to(cfg.dtype)
-                if images.device != cfg.device:
-                    images, labels = images.to(cfg.device), labels.to(cfg.device)
-                yield images, labels
+                pos += out["labels"].shape[0]
+                yield self._contract(out["images"], out["labels"])
         finally:
             self.close()
+
+    def _contract(self, images: torch.Tensor, labels: torch.Tensor):
+        cfg = self.config
+        labels = labels.view(-1).to(torch.int64)  # DALI gives int32 [N, 1] (file reader), int64 [N, 1] (lbl)
+        if cfg.channels_last:
+            images = images.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW: channels_last
+        if images.dtype != cfg.dtype:
+            images = images.to(cfg.dtype)
+        if images.device != cfg.device:
+            images, labels = images.to(cfg.device), labels.to(cfg.device)
+        return images, labels
 
     def close(self) -> None:
         if self._pipe is not None:
             del self._pipe  # DALI frees its threads and buffers with the pipeline
             self._pipe = None
+
+
+def prepare(split: Path, opts: Options) -> None:
+    """With reader='wds' over an ImageFolder split: convert it once, before several ranks start."""
+    if opts.reader == "wds":
+        from . import wds
+
+        if not wds.is_shard_folder(Path(split)):
+            wds.resolve_shards(Path(split), wds.Sharding(), progress=True)
+
+
+def _build_wds(cfg: LoaderConfig, opts: Options) -> "DaliShardLoader":
+    from . import wds
+
+    if cfg.on_bad_sample == "skip":
+        raise LoaderError("dali reader='wds' cannot skip bad samples (DALI fails a whole batch inside its pipeline "
+                          "without naming the sample); use on_bad_sample='stop', or --loader wds, which skips them")
+    data = Path(cfg.data)
+    if wds.is_shard_folder(data):
+        manifest = wds.read_manifest(data)
+    else:  # an ImageFolder split: the wds backend's conversion (cached), which needs webdataset to write
+        data, manifest = wds.resolve_shards(data, wds.Sharding(), progress=cfg.rank == 0)
+    if manifest["samples"] < cfg.world_size:
+        raise LoaderError(f"{manifest['samples']} samples in {data} cannot be split over {cfg.world_size} ranks")
+    return DaliShardLoader(cfg, opts, data, manifest)
+
+
+class DaliShardLoader(DaliLoader):
+    """The same pipeline over the wds backend's tar shards, read by ``fn.readers.webdataset``.
+
+    Each epoch the shard list is permuted (seed + epoch, the same on every rank) and DALI's reader
+    splits the samples into ``world_size`` contiguous ranges (``shard_id=rank``, sticky, padded last
+    batch). Training takes ceil(N / world_size) samples on every rank, so a rank with one sample
+    fewer repeats one (at most world_size - 1 repeats in all, as the other backends); the iterator's
+    ``size`` trims DALI's padded last batch. Evaluation takes each rank's range exactly.
+    """
+
+    name = "dali"
+
+    def __init__(self, cfg: LoaderConfig, opts: Options, folder: Path, manifest: dict):
+        n = manifest["samples"]
+        if cfg.train:
+            per_rank, padding = shard_sizes(n, cfg.world_size, pad=True)
+        else:  # DALI's own split: [floor(r n / W), floor((r + 1) n / W))
+            per_rank, padding = n * (cfg.rank + 1) // cfg.world_size - n * cfg.rank // cfg.world_size, 0
+        BaseLoader.__init__(self, cfg, per_rank, padding, tuple(manifest["classes"]))
+        self.options, self.folder, self.manifest = opts, folder, manifest
+        self.gpu_decode = cfg.device.type == "cuda" and opts.decode in ("auto", "gpu")
+        self._pipe = None
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update(shards=len(self.manifest["shards"]), shard_folder=str(self.folder),
+                 storage={**self.manifest["storage"], "sharding": self.manifest["sharding"]})
+        return d
+
+    def _paths(self) -> list[Path]:
+        files = [self.folder / s["file"] for s in self.manifest["shards"]]
+        if not self.config.train:
+            return files
+        g = torch.Generator().manual_seed(self.config.seed + self.epoch)
+        return [files[i] for i in torch.randperm(len(files), generator=g).tolist()]
+
+    def __iter__(self):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        cfg = self.config
+        paths = self._paths()
+        indexes = [p.with_suffix(".idx") for p in paths]
+        reader = dict(paths=[str(p) for p in paths], shard_id=cfg.rank, num_shards=cfg.world_size,
+                      random_shuffle=cfg.train, initial_fill=min(1024, max(2, self.num_samples)))
+        if all(i.is_file() for i in indexes):  # else DALI infers the index (slower to start)
+            reader["index_paths"] = [str(i) for i in indexes]
+        self.close()
+        seed = hash((cfg.seed, self.epoch, cfg.rank)) & 0x7FFF_FFFF
+        self._pipe = _pipeline(cfg, self.options, reader, seed, self.gpu_decode)
+        policy = LastBatchPolicy.DROP if cfg.drop_last else LastBatchPolicy.PARTIAL
+        with warnings.catch_warnings():
+            # DALI warns that an explicit size can miss or repeat samples across its epochs; this
+            # pipeline lives for one epoch, and size is what trims it to exactly this rank's share.
+            warnings.filterwarnings("ignore", message="Please set `reader_name`")
+            it = DALIGenericIterator(self._pipe, ["images", "labels"], size=self.num_samples,
+                                     last_batch_policy=policy, last_batch_padded=True, auto_reset=False,
+                                     prepare_first_batch=False)
+        try:
+            while True:
+                try:
+                    out = next(it)[0]
+                except StopIteration:
+                    return
+                except RuntimeError as exc:
+                    raise LoaderError(f"DALI failed reading the shards in {self.folder}: {str(exc).splitlines()[0]} "
+                                      "(--loader wds reads the same shards and names a bad sample)") from exc
+                yield self._contract(out["images"], out["labels"])
+        finally:
+            self.close()

@@ -16,7 +16,6 @@ reported as ``first_batch_seconds``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -30,6 +29,7 @@ from .contract import (
     BaseLoader,
     LoaderConfig,
     LoaderError,
+    cache_dir,
     decode_problem,
     normalize_uint8,
     scan_imagefolder,
@@ -188,13 +188,7 @@ def read_manifest(beton: Path) -> dict:
 
 def cached_beton(split: Path, storage: Storage, progress: bool = True) -> Path:
     """The .beton of an ImageFolder split under these storage choices, converted on first use."""
-    index = scan_imagefolder(split)
-    h = hashlib.sha1(json.dumps([str(split.resolve()), asdict(storage)]).encode())
-    for p in index.paths:  # a changed, added or removed file invalidates the conversion
-        st = os.stat(p)
-        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    root = Path(os.environ.get("LOADERBENCH_CACHE", Path.home() / ".cache" / "loaderbench"))
-    out = root / f"ffcv-{h.hexdigest()[:12]}" / f"{split.name}.beton"
+    out = cache_dir("ffcv", split, asdict(storage)) / f"{split.name}.beton"
     try:
         read_manifest(out)
     except LoaderError:

@@ -53,7 +53,8 @@ def build(cfg: LoaderConfig, opts: Options) -> "TorchLoader":
     return TorchLoader(cfg, opts, index)
 
 
-def _transform(cfg: LoaderConfig, float_in_workers: bool) -> v2.Compose:
+def transform_for(cfg: LoaderConfig, float_in_workers: bool) -> v2.Compose:
+    """The torchvision transforms every PIL-decoding backend applies (torch, wds)."""
     size = cfg.image_size
     if cfg.train:
         ops = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
@@ -84,24 +85,29 @@ class _Samples(Dataset):
             with Image.open(path) as im:
                 image = im.convert("RGB")  # forces the full decode, so damage shows here
         except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad files
-            return _Bad(path, f"{type(exc).__name__}: {exc}")
-        # fork_rng keeps the caller's global RNG untouched when num_workers=0.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, epoch, int(i))) & 0x7FFF_FFFF_FFFF_FFFF)
-            return self.transform(image), int(self.labels[i])
+            return BadSample(path, f"{type(exc).__name__}: {exc}")
+        return augment(self.transform, image, self.seed, epoch, int(i)), int(self.labels[i])
+
+
+def augment(transform, image, seed: int, epoch: int, sample: int) -> torch.Tensor:
+    """``transform(image)`` seeded by (seed, epoch, sample): the same crop and flip whatever the
+    worker count or order. fork_rng keeps the caller's global RNG untouched when num_workers=0."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(hash((seed, epoch, sample)) & 0x7FFF_FFFF_FFFF_FFFF)
+        return transform(image)
 
 
 @dataclass(frozen=True)
-class _Bad:
+class BadSample:
     path: str
     reason: str
 
 
-def _collate(batch):
+def collate_checked(batch):
     """Stack the good samples; report the bad ones to the main process, which applies the policy
     (and counts skips, which workers could not do for it)."""
-    bad = [(b.path, b.reason) for b in batch if isinstance(b, _Bad)]
-    good = [b for b in batch if not isinstance(b, _Bad)]
+    bad = [(b.path, b.reason) for b in batch if isinstance(b, BadSample)]
+    good = [b for b in batch if not isinstance(b, BadSample)]
     if not good:
         return None, None, bad
     images = torch.stack([g[0] for g in good])
@@ -139,7 +145,8 @@ class TorchLoader(BaseLoader):
         self.options = opts
         self.index = index
         self._cuda = cfg.device.type == "cuda"
-        self._non_blocking = opts.pin_memory if opts.non_blocking is None else opts.non_blocking
+        self._feed = DeviceFeed(cfg, opts.device_normalize,
+                                opts.pin_memory if opts.non_blocking is None else opts.non_blocking)
         if cfg.train:
             # DistributedSampler pads to equal shards (<= world_size - 1 repeats): DDP never hangs.
             self._index_sampler = DistributedSampler(
@@ -151,11 +158,11 @@ class TorchLoader(BaseLoader):
             )
         workers = opts.num_workers
         self._loader = DataLoader(
-            _Samples(index, _transform(cfg, float_in_workers=not opts.device_normalize), cfg.seed),
+            _Samples(index, transform_for(cfg, float_in_workers=not opts.device_normalize), cfg.seed),
             batch_size=cfg.batch_size,
             sampler=_EpochKeys(self),
             num_workers=workers,
-            collate_fn=_collate,
+            collate_fn=collate_checked,
             pin_memory=opts.pin_memory and self._cuda,
             drop_last=cfg.drop_last,
             persistent_workers=opts.persistent_workers,
@@ -180,36 +187,8 @@ class TorchLoader(BaseLoader):
             if images is not None:
                 yield images, labels
 
-    def _to_device(self, images: torch.Tensor, labels: torch.Tensor):
-        cfg = self.config
-        images = images.to(cfg.device, non_blocking=self._non_blocking)
-        labels = labels.to(cfg.device, non_blocking=self._non_blocking)
-        if self.options.device_normalize:
-            return normalize_uint8(images, cfg), labels
-        return images.to(dtype=cfg.dtype, memory_format=cfg.memory_format), labels
-
     def __iter__(self):
-        if self._cuda and self.options.device_normalize:
-            yield from self._prefetch_on_side_stream()
-            return
-        for images, labels in self._batches():
-            yield self._to_device(images, labels)
-
-    def _prefetch_on_side_stream(self):
-        """Copy + normalise batch k+1 on a side stream while the model runs batch k."""
-        stream = torch.cuda.Stream(device=self.config.device)
-        pending = None
-        for images, labels in self._batches():
-            with torch.cuda.stream(stream):
-                ready = self._to_device(images, labels)
-            if pending is not None:
-                yield pending
-            torch.cuda.current_stream(self.config.device).wait_stream(stream)
-            for t in ready:  # the caching allocator must not reuse these while the main stream reads them
-                t.record_stream(torch.cuda.current_stream(self.config.device))
-            pending = ready
-        if pending is not None:
-            yield pending
+        return self._feed(self._batches())
 
     def close(self) -> None:
         # Persistent workers live as long as the DataLoader's iterator; drop it to stop them.
@@ -217,3 +196,41 @@ class TorchLoader(BaseLoader):
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
         self._loader._iterator = None
+
+
+class DeviceFeed:
+    """Host batches -> the contract's tensors on the device: non-blocking copies from pinned pages,
+    normalisation on the device when asked (uint8 batches), and with both on CUDA the copy of
+    batch k+1 on a side stream while the model runs batch k (timm's PrefetchLoader idea)."""
+
+    def __init__(self, cfg: LoaderConfig, device_normalize: bool, non_blocking: bool):
+        self.cfg, self.device_normalize, self.non_blocking = cfg, device_normalize, non_blocking
+
+    def __call__(self, batches):
+        if self.cfg.device.type == "cuda" and self.device_normalize:
+            return self._prefetch_on_side_stream(batches)
+        return (self._to_device(images, labels) for images, labels in batches)
+
+    def _to_device(self, images: torch.Tensor, labels: torch.Tensor):
+        cfg = self.cfg
+        images = images.to(cfg.device, non_blocking=self.non_blocking)
+        labels = labels.to(cfg.device, non_blocking=self.non_blocking)
+        if self.device_normalize:
+            return normalize_uint8(images, cfg), labels
+        return images.to(dtype=cfg.dtype, memory_format=cfg.memory_format), labels
+
+    def _prefetch_on_side_stream(self, batches):
+        device = self.cfg.device
+        stream = torch.cuda.Stream(device=device)
+        pending = None
+        for images, labels in batches:
+            with torch.cuda.stream(stream):
+                ready = self._to_device(images, labels)
+            if pending is not None:
+                yield pending
+            torch.cuda.current_stream(device).wait_stream(stream)
+            for t in ready:  # the caching allocator must not reuse these while the main stream reads them
+                t.record_stream(torch.cuda.current_stream(device))
+            pending = ready
+        if pending is not None:
+            yield pending

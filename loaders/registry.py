@@ -34,6 +34,8 @@ BACKENDS: dict[str, Backend] = {
                 requires=("nvidia.dali",), extra="dali"),
         Backend("ffcv", "loaders.ffcv", "FFCV: .beton files (converted once from the ImageFolder) + FFCV Loader",
                 requires=("ffcv", "numba"), extra="ffcv"),
+        Backend("wds", "loaders.wds", "WebDataset: tar shards (converted once from the ImageFolder) + DataLoader workers",
+                requires=("webdataset",), extra="wds"),
     )
 }
 

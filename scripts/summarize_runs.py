@@ -20,7 +20,8 @@ for path in sorted((out / "runs").glob("*.json")):
     workers = opts.get("num_workers", opts.get("num_threads", "-"))
     st = r["data"]["storage"]
     res = (st.get("backend_storage") or {}).get("max_resolution") or st.get("max_resolution") or "original"
-    groups[(what, c["loader"], str(res), workers, c["world_size"])].append((m, r["loader"].get("first_batch_seconds")))
+    loader = c["loader"] + (f" (reader={opts['reader']})" if opts.get("reader") else "")
+    groups[(what, loader, str(res), workers, c["world_size"])].append((m, r["loader"].get("first_batch_seconds")))
 env, data, c = r["environment"], r["data"], r["config"]
 gpus = ", ".join(g["name"] for g in env["gpus"]) or "no GPU"
 lines = [

@@ -20,8 +20,9 @@ from .conftest import available_backends, decode_ids, run_ranks
 # Option sets each backend is checked under (every knob combination that changes the data path).
 VARIANTS = {
     "torch": [dict(num_workers=0), dict(num_workers=2, device_normalize=True)],
-    "dali": [dict(num_threads=2)],
+    "dali": [dict(num_threads=2), dict(num_threads=2, reader="wds")],
     "ffcv": [dict(num_workers=2)],
+    "wds": [dict(num_workers=0), dict(num_workers=2, device_normalize=True)],
 }
 CASES = [
     pytest.param(name, opts, id=f"{name}-{'-'.join(f'{k}={v}' for k, v in opts.items()) or 'default'}")

@@ -23,6 +23,8 @@ def one_result(folder):
 LOADERS = [("torch", ("--workers", "2")), ("synthetic", ())]
 if "dali" in available_backends():
     LOADERS.append(("dali", ("-o", "num_threads=2")))
+if "wds" in available_backends():
+    LOADERS.append(("wds", ("--workers", "2")))
 
 
 @pytest.mark.parametrize("loader,extra", LOADERS)
@@ -57,6 +59,8 @@ def test_results_are_never_overwritten(small_data, tmp_path):
 RANKED = [("torch", ("--workers", "1"))] + [l for l in LOADERS if l[0] == "dali"]
 if "ffcv" in available_backends():
     RANKED.append(("ffcv", ("-o", "num_workers=1")))
+if "wds" in available_backends():
+    RANKED.append(("wds", ("--workers", "1")))
 
 
 @pytest.mark.parametrize("loader,extra", RANKED)
