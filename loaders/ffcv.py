@@ -78,6 +78,52 @@ def _import_ffcv():
 
         Compiler.set_num_threads = classmethod(set_num_threads)
         Compiler._loaderbench_patched = True
+    _patch_epoch_iterator()
+
+
+class _PipelineFailed:
+    """Put in FFCV's output queue by a pipeline thread that raised, so the consumer raises too."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def _patch_epoch_iterator() -> None:
+    """FFCV's pipeline thread dies silently on an exception (a bad record, a numba or CUDA error)
+    and its consumer then waits on the output queue forever. Hand the exception to the consumer."""
+    from ffcv.loader import epoch_iterator as ei
+
+    if getattr(ei.EpochIterator, "_loaderbench_patched", False):
+        return
+    run = ei.EpochIterator.run
+
+    def guarded_run(self):
+        try:
+            run(self)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            while not self.terminate_event.is_set():
+                try:
+                    self.output_queue.put(_PipelineFailed(exc), timeout=0.5)
+                    return
+                except ei.Full:
+                    continue
+
+    def next_batch(self):  # FFCV's __next__, plus the failure check
+        result = self.output_queue.get()
+        if isinstance(result, _PipelineFailed):
+            self.close()
+            raise result.exc
+        if result is None:
+            self.close()
+            raise StopIteration()
+        slot, result = result
+        if ei.IS_CUDA:
+            self.current_stream.wait_stream(self.cuda_streams[slot])  # the copy is done
+        return result
+
+    ei.EpochIterator.run = guarded_run
+    ei.EpochIterator.__next__ = next_batch
+    ei.EpochIterator._loaderbench_patched = True
 
 
 def check_storage(s: Storage) -> None:
@@ -260,7 +306,7 @@ class FfcvLoader(BaseLoader):
         _import_ffcv()
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
-        from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+        from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
 
         cfg = self.config
         size = cfg.image_size
@@ -269,7 +315,9 @@ class FfcvLoader(BaseLoader):
         else:
             image = [CenterCropRGBImageDecoder((size, size), ratio=0.875)]
         image.append(ToTensor())
-        label = [IntDecoder(), ToTensor(), Squeeze()]
+        # No Squeeze: it turns a one-sample batch's [1, 1] labels into a 0-d tensor, which FFCV's
+        # ToDevice cannot slice (found on a GPU); __iter__ flattens them instead.
+        label = [IntDecoder(), ToTensor()]
         if cfg.device.type == "cuda":
             image.append(ToDevice(cfg.device, non_blocking=True))
             label.append(ToDevice(cfg.device, non_blocking=True))
@@ -314,7 +362,13 @@ class FfcvLoader(BaseLoader):
         it = iter(self._loader)
         torch.set_num_threads(threads)
         try:
-            for images, labels in it:
+            while True:
+                try:
+                    images, labels = next(it)
+                except StopIteration:
+                    break
+                except Exception as exc:  # raised in FFCV's pipeline thread (see _patch_epoch_iterator)
+                    raise LoaderError(f"ffcv failed reading {self.beton}: {type(exc).__name__}: {exc}") from exc
                 if self.first_batch_seconds is None:
                     self.first_batch_seconds = time.perf_counter() - start
                 labels = labels.view(-1)

@@ -3,6 +3,7 @@ or missing .beton files, distributed limits, the worker cap, kept batches, and `
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -123,3 +124,27 @@ def test_quasi_random_on_one_rank_covers_every_sample(converted, probe):
                           order="quasi_random", num_workers=1)
     ids = [i for x, _ in loader for i in decode_ids(x)]
     assert sorted(ids) == sorted(probe["train"])
+
+
+def test_a_failing_pipeline_thread_raises_instead_of_hanging(small_data, tmp_cache, monkeypatch):
+    """FFCV runs its pipeline in a thread; an exception there used to leave the consumer waiting on
+    the output queue forever (seen on a GPU: a one-sample batch broke ToDevice)."""
+    loader = build_loader("ffcv", small_data / "val", batch_size=8, train=False, image_size=32, device="cpu",
+                          num_workers=1)
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    real = EpochIterator.run_pipeline
+
+    def fail_on_third(self, b_ix, *args):
+        if b_ix == 2:
+            raise IndexError("planted")
+        return real(self, b_ix, *args)
+
+    monkeypatch.setattr(EpochIterator, "run_pipeline", fail_on_third)
+    seen = 0
+    start = time.monotonic()
+    with pytest.raises(LoaderError, match=r"ffcv failed reading .*val\.beton: IndexError: planted"):
+        for _ in loader:
+            seen += 1
+    assert seen == 2 and time.monotonic() - start < 60
+    loader.close()
