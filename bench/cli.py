@@ -9,9 +9,13 @@ import typing
 
 from loaders.contract import LoaderError
 
+from .doctor import DoctorError
+from .report import ReportError
 from .result import ResultError
+from .sweep import SweepError
 from .synth import SynthError
 from .trainer import TrainError
+from .tune import TuneError
 
 
 def _run_parser(sub) -> None:
@@ -45,6 +49,7 @@ def _run_parser(sub) -> None:
     p.add_argument("--dist-timeout", dest="dist_timeout_s", type=int, default=300,
                    help="seconds a rank waits for the others before failing (default 300)")
     p.add_argument("--out", default="reports/runs", help="folder for the JSON result (default reports/runs)")
+    p.add_argument("--label", default="", help="a name recorded in the result (reports group runs by it)")
     g = p.add_argument_group("loader options (the torch backend's knobs; -o KEY=VALUE for any backend option)")
     g.add_argument("--workers", type=int, dest="opt_num_workers", help="DataLoader worker processes")
     g.add_argument("--pin-memory", action="store_const", const=True, dest="opt_pin_memory",
@@ -200,6 +205,172 @@ def cmd_backends(args) -> int:
     return 0
 
 
+def _sweep_parser(sub) -> None:
+    from .sweep import TECHNIQUES, Settings
+
+    d = Settings()
+    p = sub.add_parser("sweep", help="the techniques ladder: each technique's end-to-end speedup",
+                       description="Switch training-acceleration techniques on one at a time from a naive "
+                       "baseline; every step several `bench run` trials. Writes sweep.json + results to --out "
+                       "and renders them with `bench report`.")
+    p.add_argument("--out", help="new folder for the ladder (default reports/sweep-<time>)")
+    p.add_argument("--data", help="ImageFolder root; default: the generated dataset")
+    p.add_argument("--model", default=d.model, help="small | resnet18 | resnet50")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--image-size", type=int, default=d.image_size)
+    p.add_argument("--steps", type=int, default=d.steps, help=f"training steps per trial (default {d.steps})")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--trials", type=int, default=d.trials, help=f"trials per step (default {d.trials})")
+    p.add_argument("--ceiling-trials", type=int, default=d.ceiling_trials,
+                   help="synthetic-ceiling trials per model setting (0: no %% of ceiling)")
+    p.add_argument("--techniques", default=",".join(TECHNIQUES),
+                   help="comma-separated, in ladder order (default: all): " + ", ".join(TECHNIQUES))
+    p.add_argument("--workers", type=int, default=0, help="workers / threads when switched on (default min(cores, 8))")
+    p.add_argument("--ranks", type=int, default=0, help="DDP ranks (default: the GPUs; 2 CPU ranks without CUDA)")
+    p.add_argument("--amp", default="auto", help="auto (bf16 where supported) | bf16 | fp16")
+    p.add_argument("--early-stop-epochs", type=int, default=d.early_stop_epochs)
+    p.add_argument("--target-accuracy", type=float, default=d.target_accuracy)
+    p.add_argument("--keep-all", action="store_true", help="keep every technique, even one that slowed training")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--trial-timeout", type=float, default=d.trial_timeout,
+                   help=f"seconds before a trial is called failed (default {d.trial_timeout:.0f})")
+    p.add_argument("--title", help="report title")
+
+
+def cmd_sweep(args, argv) -> int:
+    import time
+    from pathlib import Path
+
+    from . import report
+    from .sweep import Settings, Sweep
+
+    s = Settings(model=args.model, data=args.data, batch_size=args.batch_size, image_size=args.image_size,
+                 steps=args.steps, warmup_steps=args.warmup_steps, trials=args.trials,
+                 ceiling_trials=args.ceiling_trials, seed=args.seed, workers=args.workers, ranks=args.ranks,
+                 amp=args.amp, early_stop_epochs=args.early_stop_epochs, target_accuracy=args.target_accuracy,
+                 keep_all=args.keep_all, trial_timeout=args.trial_timeout, techniques=tuple(t.strip() for t in args.techniques.split(",") if t.strip()))
+    out = Path(args.out or f"reports/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.data is None:  # generate the default set once, here, not in the first trial's timing
+        from .synth import default_dataset
+
+        s.data = str(default_dataset())
+    Sweep(s, out, ["bench", *argv]).run()
+    path = report.render(out, args.title)
+    print("\n".join(path.read_text().split("## Plots")[0].splitlines()[-40:]))
+    print(f"report: {path}")
+    return 0
+
+
+def _doctor_parser(sub) -> None:
+    p = sub.add_parser("doctor", help="input-bound or compute-bound? what to try first, with the numbers",
+                       description="Probe the synthetic ceiling, the loader alone and the two together; say "
+                       "which limits training and what to try first.")
+    p.add_argument("--loader", default="torch")
+    p.add_argument("--model", default="small")
+    p.add_argument("--data")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--workers", type=int, default=0, help="workers / threads (default min(cores, 8))")
+    p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("-o", "--loader-opt", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--quick", action="store_true", help="skip the other backends' loader-only probes")
+    p.add_argument("--out", help="folder for the probes' results (default reports/doctor-<time>)")
+
+
+def cmd_doctor(args, argv) -> int:
+    import time
+    from pathlib import Path
+
+    from .doctor import Probe, diagnose
+
+    p = Probe(loader=args.loader, model=args.model, data=args.data, batch_size=args.batch_size,
+              image_size=args.image_size, steps=args.steps, workers=args.workers, amp=args.amp,
+              channels_last=args.channels_last, options=list(args.loader_opt))
+    if p.data is None:
+        from .synth import default_dataset
+
+        p.data = str(default_dataset())
+    out = Path(args.out or f"reports/doctor-{time.strftime('%Y%m%d-%H%M%S')}")
+    doc = diagnose(p, out, ["bench", *argv], quick=args.quick)
+    print(doc["verdict"])
+    print(f"results: {out}")
+    return 0
+
+
+def _tune_parser(sub) -> None:
+    p = sub.add_parser("tune", help="find the fastest worker / thread / prefetch settings for a backend",
+                       description="Measure a backend over its worker (or thread) counts, then its prefetch "
+                       "depth at the best count; print the winner as -o options.")
+    p.add_argument("--loader", default="torch")
+    p.add_argument("--data")
+    p.add_argument("--model", default="small", help="with --end-to-end")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--trials", type=int, default=1)
+    p.add_argument("--max-workers", type=int, help="largest count tried (default: the cores)")
+    p.add_argument("--end-to-end", action="store_true", help="tune with the model training (default: loader only)")
+    p.add_argument("--out", help="folder for the results (default reports/tune-<loader>-<time>)")
+
+
+def cmd_tune(args, argv) -> int:
+    import time
+    from pathlib import Path
+
+    from .tune import tune
+
+    data = args.data
+    if data is None:
+        from .synth import default_dataset
+
+        data = str(default_dataset())
+    common = ["--data", data, "--model", args.model, "--batch-size", str(args.batch_size), "--image-size",
+              str(args.image_size), "--steps", str(args.steps), "--no-eval"]
+    out = Path(args.out or f"reports/tune-{args.loader}-{time.strftime('%Y%m%d-%H%M%S')}")
+    doc = tune(args.loader, common, out, ["bench", *argv], trials=args.trials, end_to_end=args.end_to_end,
+               max_workers=args.max_workers)
+    best = " ".join(doc["best_args"]) or "(the backend's defaults)"
+    print(f"best for {args.loader} ({doc['mode']}): {best}  ->  {doc['best_ips']:,.1f} img/s "
+          f"(defaults: {doc['default_ips'] or float('nan'):,.1f} img/s)")
+    print(f"results: {out}")
+    return 0
+
+
+def _report_parsers(sub) -> None:
+    p = sub.add_parser("report", help="render a folder of results into README.md with plots")
+    p.add_argument("folder", help="folder holding result JSON files (and sweep.json / tune.json / doctor.json)")
+    p.add_argument("--title")
+    p = sub.add_parser("compare", help="ratio per metric between two result files or folders (B / A)")
+    p.add_argument("a")
+    p.add_argument("b")
+
+
+def cmd_report(args) -> int:
+    from . import report
+
+    print(report.render(args.folder, args.title))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import report
+
+    rows = report.compare(args.a, args.b)
+    t = Table(title=f"B / A   (A = {args.a}, B = {args.b})", title_justify="left")
+    for col in ("configuration", "metric", "A", "B", "B / A"):
+        t.add_column(col)
+    fmt = lambda v: "n/a" if v is None else f"{v:,.4g}"  # noqa: E731
+    for r in rows:
+        t.add_row(r["group"], r["metric"], fmt(r["a"]), fmt(r["b"]), "n/a" if r["ratio"] is None else f"{r['ratio']:.3f}")
+    Console().print(t)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench", description="Data-loading acceleration benchmarks for PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -209,6 +380,10 @@ def parser() -> argparse.ArgumentParser:
     _synth_parser(data_sub)
     _convert_parser(data_sub)
     sub.add_parser("backends", help="list the loader backends and whether each is installed")
+    _sweep_parser(sub)
+    _doctor_parser(sub)
+    _tune_parser(sub)
+    _report_parsers(sub)
     return p
 
 
@@ -222,8 +397,19 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args, argv)
         if args.command == "data":
             return cmd_synth(args) if args.data_command == "synth" else cmd_convert(args)
+        if args.command == "sweep":
+            return cmd_sweep(args, argv)
+        if args.command == "doctor":
+            return cmd_doctor(args, argv)
+        if args.command == "tune":
+            return cmd_tune(args, argv)
+        if args.command == "report":
+            return cmd_report(args)
+        if args.command == "compare":
+            return cmd_compare(args)
         return cmd_backends(args)
-    except (LoaderError, UsageError, SynthError, ResultError, TrainError) as exc:
+    except (LoaderError, UsageError, SynthError, ResultError, TrainError, SweepError, ReportError, DoctorError,
+            TuneError) as exc:
         rank = os.environ.get("RANK")
         prefix = f"bench: error (rank {rank}): " if rank not in (None, "0") else "bench: error: "
         print(prefix + str(exc), file=sys.stderr)

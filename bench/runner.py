@@ -21,6 +21,7 @@ from loaders.registry import get_backend, options_for
 
 from . import envinfo, result as results
 from .models import MODELS, build_model
+from .monitor import ResourceMonitor
 from .convert import FOLDER_MANIFEST, WDS_MANIFEST
 from .synth import MANIFEST, SynthSpec, default_dataset
 from .trainer import TrainConfig, drain, train
@@ -55,6 +56,7 @@ class RunConfig:
     loader_only: bool = False  # fetch batches with no model: the loader's own images/s
     dist_timeout_s: int = 300
     out: str = "reports/runs"
+    label: str = ""  # free text recorded in the result (bench sweep / tune name their runs with it)
     loader_options: tuple = ()  # (key, value) pairs for the backend's own Options
 
 
@@ -226,6 +228,7 @@ def _run(cfg, argv, device, rank, world_size, log) -> Path | None:
                          f"training samples; lower it")
     wants_val = val_dir and cfg.eval and not cfg.loader_only
     val_loader = build_loader(cfg.loader, val_dir, train=False, **common) if wants_val else None
+    monitor = None
     try:
         epochs = cfg.epochs or (math.ceil(cfg.steps / len(train_loader)) if cfg.steps else 1)
         tcfg = TrainConfig(epochs=epochs, max_steps=cfg.steps, lr=cfg.lr, amp=cfg.amp,
@@ -234,6 +237,7 @@ def _run(cfg, argv, device, rank, world_size, log) -> Path | None:
         if epochs * len(train_loader) <= cfg.warmup_steps:
             raise UsageError(f"{epochs} epoch(s) x {len(train_loader)} steps leaves nothing to measure after "
                              f"{cfg.warmup_steps} warm-up steps; raise --epochs or lower --batch-size")
+        monitor = ResourceMonitor(gpu_index=device.index if device.type == "cuda" else None).start()
         if cfg.loader_only:
             log(f"loader only: {cfg.loader} on {train_dir}: {len(train_loader)} batches/epoch x {epochs} epoch(s), "
                 f"{world_size} rank(s) on {device}")
@@ -243,7 +247,12 @@ def _run(cfg, argv, device, rank, world_size, log) -> Path | None:
             log(f"training {cfg.model} on {train_dir} with loader {cfg.loader}: {len(train_loader)} steps/epoch "
                 f"x {epochs} epoch(s), {world_size} rank(s) on {device}")
             outcome = train(model, train_loader, val_loader, tcfg, device, log=log)
+        resources = monitor.stop()  # this rank's process and its workers
+        if device.type == "cuda":
+            resources["torch_cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     finally:
+        if monitor is not None:
+            monitor.stop()  # idempotent; ends the sampling thread when training failed
         train_loader.close()
         if val_loader is not None:
             val_loader.close()
@@ -267,7 +276,7 @@ def _run(cfg, argv, device, rank, world_size, log) -> Path | None:
         data["storage"]["backend_storage"] = loader_info["storage"]
     res = results.new_result(
         command=["bench", *argv], config=config, environment=envinfo.collect(), data=data, loader=loader_info,
-        metrics=results.metrics_from(outcome, skipped),
+        metrics={**results.metrics_from(outcome, skipped), "resources": resources},
         samples={"step_time_s": outcome.step_time, "data_wait_s": outcome.data_wait,
                  "compute_time_s": outcome.compute},
     )

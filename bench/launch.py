@@ -1,0 +1,50 @@
+"""Run `bench run` as a child process and pick up the result it wrote: what `bench sweep`,
+`bench doctor` and `bench tune` are made of. A fresh process per trial, so no run inherits another's
+workers, compiled graphs, DALI pipelines or FFCV thread settings."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import result as results
+
+
+@dataclass
+class Trial:
+    argv: list[str]  # the `bench run` arguments
+    path: Path | None = None  # the result written, when it succeeded
+    error: str | None = None  # the child's last error line otherwise
+    seconds: float = 0.0
+    result: dict | None = field(default=None, repr=False)
+
+
+def run_trial(argv: list[str], out: Path, timeout: float = 900, env: dict | None = None) -> Trial:
+    """``bench run ARGV --out OUT`` in a child; the new result file in OUT is the trial's."""
+    out.mkdir(parents=True, exist_ok=True)
+    before = set(out.glob("*.json"))
+    cmd = [sys.executable, "-m", "bench.cli", "run", *argv, "--out", str(out)]
+    child_env = {**os.environ, **(env or {})}
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):  # a child under our launcher is not one of its ranks
+        child_env.pop(var, None)
+    start = time.perf_counter()
+    trial = Trial(argv=list(argv))
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env)
+    except subprocess.TimeoutExpired:
+        trial.error = f"did not finish within {timeout:.0f} s"
+        trial.seconds = time.perf_counter() - start
+        return trial
+    trial.seconds = time.perf_counter() - start
+    new = sorted(set(out.glob("*.json")) - before)
+    if p.returncode != 0 or len(new) != 1:
+        lines = [ln for ln in (p.stderr or p.stdout).strip().splitlines() if ln.strip()]
+        errors = [ln for ln in lines if ln.startswith("bench: error")]
+        trial.error = (errors or lines or [f"exit status {p.returncode}"])[-1].strip()[:500]
+        return trial
+    trial.path = new[0]
+    trial.result = results.load(new[0])
+    return trial

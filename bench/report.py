@@ -1,0 +1,432 @@
+"""Renderers over result files: `bench report` (a folder of results, with the ladder of a
+`bench sweep` when there is one, into README.md + PNG plots) and `bench compare` (ratios between
+two result sets). Every figure is computed here from the results of record; nothing is copied from
+a summary that could disagree with them."""
+from __future__ import annotations
+
+import collections
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .result import ResultError, load
+
+
+class ReportError(Exception):
+    pass
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+def results_in(folder: Path) -> dict[str, dict]:
+    """Every result file under ``folder`` (recursively), by path relative to it."""
+    found = {}
+    for path in sorted(folder.rglob("*.json")):
+        if path.name.startswith(".") or path.name in ("sweep.json", "tune.json", "doctor.json"):
+            continue
+        try:
+            found[str(path.relative_to(folder))] = load(path)
+        except ResultError:
+            continue  # a manifest or another tool's JSON, not a result
+    return found
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def eval_seconds(r: dict) -> float | None:
+    return _median(r["metrics"].get("eval_seconds") or [])
+
+
+def workers_of(r: dict):
+    o = r["config"].get("loader_options", {})
+    return o.get("num_workers", o.get("num_threads"))
+
+
+def signature(r: dict) -> tuple:
+    """What makes two runs the same configuration (trials of one thing)."""
+    c = r["config"]
+    st = r["data"]["storage"]
+    res = (st.get("backend_storage") or {}).get("max_resolution") or st.get("max_resolution") or "original"
+    return (c.get("label") or "", "loader only" if c.get("loader_only") else c["model"], c["loader"],
+            json.dumps(c.get("loader_options", {}), sort_keys=True), c["amp"], c["channels_last"], c["compile"],
+            c["world_size"], c["batch_size"], c["image_size"], str(res))
+
+
+@dataclass
+class Group:
+    runs: list[dict] = field(default_factory=list)
+
+    @property
+    def ips(self) -> list[float]:
+        return [r["metrics"]["images_per_second"] for r in self.runs]
+
+    def median(self, fn):
+        return _median([fn(r) for r in self.runs])
+
+
+def groups_of(results: dict[str, dict]) -> dict[tuple, Group]:
+    g: dict[tuple, Group] = collections.defaultdict(Group)
+    for r in results.values():
+        g[signature(r)].runs.append(r)
+    return dict(g)
+
+
+# -- the ladder ------------------------------------------------------------------------------------
+
+@dataclass
+class Rung:
+    key: str
+    title: str
+    kind: str
+    status: str
+    reason: str | None
+    kept: bool | None
+    trials: list[dict]
+    ips: float | None = None
+    ips_min: float | None = None
+    ips_max: float | None = None
+    marginal: float | None = None  # against the step it was compared with
+    cumulative: float | None = None  # against the baseline
+    data_wait: float | None = None
+    ceiling_pct: float | None = None
+    val_loss: float | None = None
+    val_acc: float | None = None
+    eval_s: float | None = None
+    eval_speedup: float | None = None
+    time_to_target: float | None = None
+    full_time: float | None = None
+    target_epoch: int | None = None
+    cpu_pct: float | None = None
+    gpu_util: float | None = None
+    peak_rss_mib: float | None = None
+    reference: str | None = None
+
+
+def ladder(sweep: dict, folder: Path, results: dict[str, dict] | None = None) -> list[Rung]:
+    results = results if results is not None else results_in(folder)
+
+    def trials_of(paths):
+        missing = [p for p in paths if p not in results]
+        if missing:
+            raise ReportError(f"{folder}: sweep.json names result(s) that are missing or unreadable: "
+                              f"{', '.join(missing[:3])}")
+        return [results[p] for p in paths]
+
+    ceilings = {k: _median([r["metrics"]["images_per_second"] for r in trials_of(v)])
+                for k, v in sweep.get("ceilings", {}).items()}
+    target = sweep["settings"]["target_accuracy"]
+    rungs: dict[str, Rung] = {}
+    for st in sweep["steps"]:
+        trials = trials_of(st["results"])
+        g = Group(trials)
+        ips = g.ips
+        rung = Rung(st["key"], st["title"], st["kind"], st["status"], st["reason"], st["kept"], trials,
+                    reference=st.get("reference"))
+        if ips:
+            rung.ips, rung.ips_min, rung.ips_max = statistics.median(ips), min(ips), max(ips)
+            rung.data_wait = g.median(lambda r: r["metrics"]["data_wait_share"])
+            rung.val_loss = g.median(lambda r: r["metrics"]["final_val_loss"])
+            rung.val_acc = g.median(lambda r: r["metrics"]["final_val_accuracy"])
+            rung.eval_s = g.median(eval_seconds)
+            res = lambda k: g.median(lambda r: (r["metrics"].get("resources") or {}).get(k))  # noqa: E731
+            rung.cpu_pct, rung.gpu_util, rung.peak_rss_mib = (res("process_cpu_percent_mean"),
+                                                              res("gpu_util_percent_mean"), res("peak_rss_total_mib"))
+            if st.get("ceiling") and ceilings.get(st["ceiling"]):
+                rung.ceiling_pct = rung.ips / ceilings[st["ceiling"]]
+        base = rungs.get("baseline")
+        ref = rungs.get(st.get("reference") or "")
+        if rung.ips and base and base.ips:
+            rung.cumulative = rung.ips / base.ips
+        if rung.ips and ref and ref.ips:
+            rung.marginal = rung.ips / ref.ips
+        if rung.eval_s and ref and ref.eval_s:
+            rung.eval_speedup = ref.eval_s / rung.eval_s
+        if st["kind"] == "early_stop" and trials:
+            epochs = trials[0]["metrics"]["epochs"]
+            elapsed = 0.0
+            for e in epochs:
+                elapsed += e["train_seconds"] + (e.get("eval_seconds") or 0.0)
+                if rung.time_to_target is None and e.get("val_accuracy") is not None and e["val_accuracy"] >= target:
+                    rung.time_to_target, rung.target_epoch = elapsed, e["epoch"] + 1
+            rung.full_time = elapsed
+        rungs[st["key"]] = rung
+    return list(rungs.values())
+
+
+def _x(v, fmt=".2f", suffix="x"):
+    return "-" if v is None else f"{v:{fmt}}{suffix}"
+
+
+def _pct(v):
+    return "-" if v is None else f"{v:.0%}"
+
+
+def ladder_table(rungs: list[Rung], sweep: dict) -> list[str]:
+    lines = ["| step | what changed | images/s (median, min-max, trials) | marginal | cumulative | data wait "
+             "| % of ceiling | val loss / acc | eval s | kept |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rungs:
+        if r.status != "ok":
+            lines.append(f"| {r.key} | {r.title} | {r.status}: {r.reason} | | | | | | | no |")
+            continue
+        ips = f"{r.ips:,.1f} ({r.ips_min:,.1f}-{r.ips_max:,.1f}, {len(r.trials)})"
+        marginal = _x(r.marginal)
+        if r.kind == "eval":
+            marginal = f"eval {_x(r.eval_speedup)}"
+        if r.kind == "early_stop":
+            if r.time_to_target is None:
+                marginal = f"target {sweep['settings']['target_accuracy']:g} not reached in {len(r.trials[0]['metrics']['epochs'])} epochs"
+            else:
+                marginal = (f"time {_x(r.full_time / r.time_to_target)}: {r.time_to_target:.1f} s to the target "
+                            f"(epoch {r.target_epoch}) vs {r.full_time:.1f} s")
+        acc = "-" if r.val_acc is None else f"{r.val_loss:.3f} / {r.val_acc:.3f}"
+        kept = {True: "yes", False: "no", None: "-"}[r.kept] if r.kind != "baseline" else "-"
+        lines.append(f"| {r.key} | {r.title} | {ips} | {marginal} | {_x(r.cumulative)} | {_pct(r.data_wait)} | "
+                     f"{_pct(r.ceiling_pct)} | {acc} | {_x(r.eval_s, '.2f', '')} | {kept} |")
+    return lines
+
+
+# -- plots -----------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_ladder(rungs: list[Rung], folder: Path) -> list[str]:
+    plt = _plt()
+    ok = [r for r in rungs if r.status == "ok" and r.kind != "early_stop"]
+    if not ok:
+        return []
+    names = [r.key for r in ok]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(ok) + 1.5))
+    y = range(len(ok))
+    ax.barh([i + 0.2 for i in y], [r.cumulative or 0 for r in ok], height=0.4, label="cumulative (vs baseline)")
+    ax.barh([i - 0.2 for i in y], [r.marginal or 0 for r in ok], height=0.4, label="marginal (vs the step before)")
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_yticks(list(y), names)
+    ax.invert_yaxis()
+    ax.set_xlabel("training images/s speedup (x)")
+    ax.set_title("Speedup per technique")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(folder / "speedup.png", dpi=110)
+    plt.close(fig)
+    written.append("speedup.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(ok) + 1.5), sharey=True)
+    axes[0].barh(list(y), [100 * (r.data_wait or 0) for r in ok], color="tab:red")
+    axes[0].set_xlabel("share of step time waiting for data (%)")
+    axes[0].set_title("Data wait per step")
+    axes[1].barh(list(y), [100 * (r.ceiling_pct or 0) for r in ok], color="tab:green")
+    axes[1].axvline(100, color="k", lw=0.8)
+    axes[1].set_xlabel("images/s as % of the synthetic ceiling (same model settings)")
+    axes[1].set_title("% of ceiling")
+    axes[0].set_yticks(list(y), names)
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(folder / "data-wait-and-ceiling.png", dpi=110)
+    plt.close(fig)
+    written.append("data-wait-and-ceiling.png")
+    return written
+
+
+def plot_workers(results: dict[str, dict], folder: Path) -> list[str]:
+    """Images/s against workers (or DALI/FFCV threads) for every (loader, mode) measured at
+    more than one worker count."""
+    series = collections.defaultdict(lambda: collections.defaultdict(list))
+    for r in results.values():
+        w = workers_of(r)
+        if w is None or r["config"]["world_size"] != 1:
+            continue
+        mode = "loader only" if r["config"].get("loader_only") else f"end to end ({r['config']['model']})"
+        series[(r["config"]["loader"], mode)][int(w)].append(r["metrics"]["images_per_second"])
+    series = {k: v for k, v in series.items() if len(v) > 1}
+    if not series:
+        return []
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (loader, mode), pts in sorted(series.items()):
+        xs = sorted(pts)
+        ax.plot(xs, [statistics.median(pts[x]) for x in xs], marker="o", label=f"{loader}, {mode}")
+    ax.set_xlabel("workers / threads")
+    ax.set_ylabel("images/s (median of trials)")
+    ax.set_title("Throughput vs workers")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "workers.png", dpi=110)
+    plt.close(fig)
+    return ["workers.png"]
+
+
+# -- the report ------------------------------------------------------------------------------------
+
+def runs_table(results: dict[str, dict]) -> list[str]:
+    lines = ["| label | mode | loader | options | amp / channels_last / compile | ranks | storage px | images/s median "
+             "| min - max | trials | data wait | val acc | CPU % (process) | peak RSS MiB | GPU util % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for sig, g in sorted(groups_of(results).items(), key=lambda kv: str(kv[0])):
+        label, mode, loader, opts, amp, cl, comp, ranks, _, _, res = sig
+        ips = g.ips
+        acc = g.median(lambda r: r["metrics"]["final_val_accuracy"])
+        res_of = lambda k: g.median(lambda r: (r["metrics"].get("resources") or {}).get(k))  # noqa: E731
+        cpu, rss, gpu = res_of("process_cpu_percent_mean"), res_of("peak_rss_total_mib"), res_of("gpu_util_percent_mean")
+        opts_txt = ", ".join(f"{k}={v}" for k, v in json.loads(opts).items()) or "-"
+        lines.append(f"| {label or '-'} | {mode} | {loader} | {opts_txt} | {amp} / {cl} / {comp} | {ranks} | {res} | "
+                     f"{statistics.median(ips):,.1f} | {min(ips):,.1f} - {max(ips):,.1f} | {len(ips)} | "
+                     f"{_pct(g.median(lambda r: r['metrics']['data_wait_share']))} | "
+                     f"{'-' if acc is None else f'{acc:.3f}'} | {'-' if cpu is None else f'{cpu:.0f}'} | "
+                     f"{'-' if rss is None else f'{rss:,.0f}'} | {'-' if gpu is None else f'{gpu:.0f}'} |")
+    return lines
+
+
+def machine_line(r: dict) -> str:
+    env = r["environment"]
+    gpus = ", ".join(f"{g['name']}" + (f" (driver {g['driver']})" if g.get("driver") else "") for g in env["gpus"])
+    libs = env.get("libraries", {})
+    extra = ", ".join(f"{k} {v}" for k, v in libs.items() if k in ("nvidia-dali-cuda130", "ffcv", "webdataset"))
+    return (f"{env['cpu']}, {env['cpu_count']} cores, {gpus or 'no GPU'}; Python {env['python']}, "
+            f"torch {libs.get('torch')}" + (f" (CUDA {env['cuda']})" if env.get("cuda") else "")
+            + (f", {extra}" if extra else "") + f"; commit {(env.get('git_commit') or '?')[:10]}"
+            + (" (dirty)" if env.get("git_dirty") else ""))
+
+
+def data_line(r: dict) -> str:
+    d, c = r["data"], r["config"]
+    st = d["storage"]
+    size = (f"{st['mean_width']:.0f}x{st['mean_height']:.0f} px mean" if st.get("mean_width") else "size n/a")
+    q = f", JPEG q{st['jpeg_quality']}" if st.get("jpeg_quality") else ""
+    return (f"{d['train_samples']} training images in {d['classes']} classes ({st.get('source')}, {size}{q}), "
+            f"{c['image_size']} px crops, batch {c['batch_size']} per rank")
+
+
+def render(folder: Path | str, title: str | None = None) -> Path:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ReportError(f"{folder}: folder not found")
+    results = results_in(folder)
+    if not results:
+        raise ReportError(f"{folder}: no result files (bench run --out {folder}/runs writes them)")
+    docs = {name: json.loads((folder / name).read_text()) for name in ("sweep.json", "tune.json", "doctor.json")
+            if (folder / name).is_file()}
+    first = next(iter(results.values()))
+    lines = [f"# {title or folder.name}", "",
+             f"Machine: {machine_line(first)}.", "",
+             f"Data: {data_line(first)}.", "",
+             "Throughput is images / wall time after the warm-up steps, summed over ranks (evaluation excluded); "
+             "medians over trials. Rendered by `bench report` from the JSON results under this folder.", ""]
+    commands = [" ".join(d["command"]) for d in docs.values() if d.get("command")]
+    if not commands:
+        commands = sorted({" ".join(r["command"]) for r in results.values()})[:20]
+    lines += ["Produced by:", "", "```", *commands, "```", ""]
+    plots: list[str] = []
+    if "sweep.json" in docs:
+        sweep = docs["sweep.json"]
+        rungs = ladder(sweep, folder, results)
+        s = sweep["settings"]
+        lines += ["## The ladder", "",
+                  f"Model `{s['model']}`, {s['trials']} trial(s) per step of {s['steps']} steps "
+                  f"({s['warmup_steps']} warm-up). Each step adds one technique to the ones kept so far "
+                  "(a technique is kept when it raised images/s" + (", here: every one" if s["keep_all"] else "")
+                  + "); backend swaps are measured against the same stack; *marginal* is against the step named "
+                  "in `reference`, *cumulative* against the baseline, *% of ceiling* against the synthetic loader "
+                  "with the same model settings. Evaluation and early stopping change evaluation time and time to "
+                  "accuracy, not images/s.", ""]
+        lines += ladder_table(rungs, sweep) + [""]
+        skipped = [r for r in rungs if r.status != "ok"]
+        if skipped:
+            lines += ["Not measured: " + "; ".join(f"`{r.key}` ({r.status}: {r.reason})" for r in skipped) + ".", ""]
+        res_lines = ["| step | CPU % of one core (process + workers) | peak RSS MiB (all processes) | GPU util % |",
+                     "|---|---|---|---|"]
+        for r in rungs:
+            if r.status == "ok":
+                res_lines.append(f"| {r.key} | {_x(r.cpu_pct, '.0f', '')} | {_x(r.peak_rss_mib, ',.0f', '')} | "
+                                 f"{_x(r.gpu_util, '.0f', '')} |")
+        lines += ["Resources sampled during each step (medians of trials):", "", *res_lines, ""]
+        plots += plot_ladder(rungs, folder)
+    if "tune.json" in docs:
+        t = docs["tune.json"]
+        best = " ".join(t["best_args"]) or "the backend's defaults"
+        default = "n/a" if t.get("default_ips") is None else f"{t['default_ips']:,.1f}"
+        lines += ["## Tuned settings (`bench tune`)", "",
+                  f"Best for `{t['loader']}` ({t['mode']}): `{best}` at {t['best_ips']:,.1f} img/s; "
+                  f"its defaults gave {default} img/s. Every setting tried:", "",
+                  "| options | images/s |", "|---|---|"]
+        for tr in t["tried"]:
+            opts = ", ".join(f"{k}={v}" for k, v in tr["options"].items()) or "defaults"
+            ips = tr.get("images_per_second")
+            lines.append(f"| {opts} | {'failed: ' + tr['error'] if ips is None else f'{ips:,.1f}'} |")
+        lines.append("")
+    if "doctor.json" in docs:
+        lines += ["## `bench doctor`", "", *docs["doctor.json"]["verdict"].splitlines(), ""]
+    plots += plot_workers(results, folder)
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    lines += ["## Every configuration measured", "", *runs_table(results), ""]
+    out = folder / "README.md"
+    tmp = folder / ".README.md.tmp"
+    tmp.write_text("\n".join(lines))
+    tmp.replace(out)
+    return out
+
+
+# -- compare ---------------------------------------------------------------------------------------
+
+METRICS = (
+    ("images/s", lambda r: r["metrics"]["images_per_second"], True),
+    ("step time median s", lambda r: r["metrics"]["step_time_s"]["median"], False),
+    ("data-wait share", lambda r: r["metrics"]["data_wait_share"], False),
+    ("eval s", eval_seconds, False),
+    ("val accuracy", lambda r: r["metrics"]["final_val_accuracy"], True),
+    ("peak RSS MiB", lambda r: (r["metrics"].get("resources") or {}).get("peak_rss_total_mib"), False),
+)
+
+
+def _result_set(path: Path) -> dict[str, Group]:
+    """A result file (one group) or a folder (grouped by label, else by configuration)."""
+    if path.is_file():
+        r = load(path)
+        return {r["config"].get("label") or "result": Group([r])}
+    if not path.is_dir():
+        raise ReportError(f"{path}: no such result file or folder")
+    res = results_in(path)
+    if not res:
+        raise ReportError(f"{path}: no result files")
+    by: dict[str, Group] = collections.defaultdict(Group)
+    for r in res.values():
+        c = r["config"]
+        key = c.get("label") or f"{c['loader']} {'loader-only' if c.get('loader_only') else c['model']} " \
+                                 f"{json.dumps(c.get('loader_options', {}), sort_keys=True)}"
+        by[key].runs.append(r)
+    return dict(by)
+
+
+def compare(a: Path | str, b: Path | str) -> list[dict]:
+    """Per matching group and metric: the median in A, in B, and B / A."""
+    ga, gb = _result_set(Path(a)), _result_set(Path(b))
+    if len(ga) == 1 and len(gb) == 1:  # two single results or two single configurations: compare them
+        pairs = [(f"{next(iter(ga))} -> {next(iter(gb))}", next(iter(ga.values())), next(iter(gb.values())))]
+    else:
+        common = [k for k in ga if k in gb]
+        if not common:
+            raise ReportError(f"{a} and {b} have no configuration (label) in common")
+        pairs = [(k, ga[k], gb[k]) for k in common]
+    rows = []
+    for name, x, y in pairs:
+        for metric, fn, higher_better in METRICS:
+            va, vb = x.median(fn), y.median(fn)
+            ratio = vb / va if va not in (None, 0) and vb is not None else None
+            rows.append({"group": name, "metric": metric, "a": va, "b": vb, "ratio": ratio,
+                         "higher_is_better": higher_better, "trials": (len(x.runs), len(y.runs))})
+    return rows

@@ -1,0 +1,343 @@
+"""`bench sweep`: the techniques ladder.
+
+From a naive baseline (DataLoader without workers, no pinned memory, fp32, NCHW, evaluation with
+autograd on) each technique is switched on in turn on top of the ones kept so far, every step a
+set of `bench run` trials in fresh processes. A technique is kept for the steps after it when it
+made training faster (`--keep-all` keeps every one): the ladder then ends on the best stack this
+machine found. Backend swaps are alternatives measured against the same stack; the fastest one is
+carried on when it beats the `torch` loader. Early stopping and inference-mode evaluation change
+time to accuracy and evaluation time, not images/s, and are measured as such.
+
+Figures are not stored here: `sweep.json` records the plan and which result files belong to which
+step, and `bench report` computes every figure from the results themselves.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loaders.registry import BACKENDS
+
+from .launch import Trial, run_trial
+
+SCHEMA = "loaderbench.sweep/1"
+TECHNIQUES = ("workers", "pin_memory", "persistent", "device_normalize", "amp", "channels_last", "compile",
+              "inference_eval", "dali", "ffcv", "wds", "ddp", "early_stop")
+SWAPS = ("dali", "ffcv", "wds")
+
+
+class SweepError(Exception):
+    pass
+
+
+@dataclass
+class Stack:
+    """The configuration a step runs: everything `bench run` needs to know."""
+
+    loader: str = "torch"
+    workers: int = 0
+    pin_memory: bool = False
+    persistent: bool = False
+    prefetch_factor: int | None = None
+    device_normalize: bool = False
+    amp: str = "off"
+    channels_last: bool = False
+    compile: bool = False
+    eval_inference_mode: bool = False  # the naive baseline evaluates with autograd on
+    ranks: int = 1
+
+    def argv(self, s: "Settings") -> list[str]:
+        a = ["--loader", self.loader, "--model", s.model, "--batch-size", str(s.batch_size),
+             "--image-size", str(s.image_size), "--seed", str(s.seed), "--warmup-steps", str(s.warmup_steps)]
+        if s.data:
+            a += ["--data", s.data]
+        if self.amp != "off":
+            a += ["--amp", self.amp]
+        if self.channels_last:
+            a.append("--channels-last")
+        if self.compile:
+            a.append("--compile")
+        if not self.eval_inference_mode:
+            a.append("--eval-with-autograd")
+        if self.ranks > 1:
+            a += ["--gpus" if s.cuda else "--cpu-ranks", str(self.ranks)]
+        workers = max(1, self.workers // self.ranks) if self.workers else 0  # the cores are shared by the ranks
+        a += loader_args(self, workers)
+        return a
+
+
+def loader_args(stack: Stack, workers: int) -> list[str]:
+    """Each backend's own name for the same knob: worker processes, threads, pinned copies."""
+    if stack.loader in ("torch", "wds"):
+        a = ["-o", f"num_workers={workers}"]
+        if stack.pin_memory:
+            a += ["-o", "pin_memory=true"]
+        if stack.persistent and workers and stack.loader == "torch":  # wds keeps no workers between epochs
+            a += ["-o", "persistent_workers=true"]
+        if stack.prefetch_factor and workers:
+            a += ["-o", f"prefetch_factor={stack.prefetch_factor}"]
+        if stack.device_normalize:
+            a += ["-o", "device_normalize=true"]
+        return a
+    if stack.loader == "dali":
+        return ["-o", f"num_threads={max(1, workers)}"]
+    if stack.loader == "ffcv":
+        return ["-o", f"num_workers={max(1, workers)}"]
+    return []
+
+
+@dataclass
+class Settings:
+    model: str = "small"
+    data: str | None = None
+    batch_size: int = 64
+    image_size: int = 224
+    steps: int = 30  # past one epoch of the default set, so epoch boundaries (worker restarts) count
+    warmup_steps: int = 5
+    trials: int = 2
+    ceiling_trials: int = 1
+    seed: int = 0
+    workers: int = 0  # 0: min(cores, 8)
+    ranks: int = 0  # 0: the GPUs, or 2 CPU ranks without CUDA
+    amp: str = "auto"  # auto: bf16 where supported, else fp16 on CUDA; bf16 on the CPU
+    early_stop_epochs: int = 3
+    target_accuracy: float = 0.6
+    keep_all: bool = False
+    techniques: tuple[str, ...] = TECHNIQUES
+    cuda: bool = False
+    trial_timeout: float = 900.0
+
+
+@dataclass
+class Step:
+    key: str
+    title: str
+    kind: str  # baseline | technique | swap | eval | early_stop
+    status: str = "pending"  # ok | skipped | failed
+    reason: str | None = None
+    argv: list[str] = field(default_factory=list)
+    results: list[str] = field(default_factory=list)  # result files, relative to the sweep folder
+    errors: list[str] = field(default_factory=list)
+    ceiling: str | None = None  # key of the ceiling (synthetic) runs for this step's model settings
+    reference: str | None = None  # the step this one is compared with
+    kept: bool | None = None
+    seconds: float = 0.0
+
+
+def default_workers() -> int:
+    return min(os.cpu_count() or 1, 8)
+
+
+def resolve(s: Settings) -> Settings:
+    s = dataclasses.replace(s)
+    s.cuda = torch.cuda.is_available()
+    unknown = [t for t in s.techniques if t not in TECHNIQUES]
+    if unknown:
+        raise SweepError(f"unknown technique(s) {', '.join(unknown)}; known: {', '.join(TECHNIQUES)}")
+    if s.trials < 1 or s.ceiling_trials < 0:
+        raise SweepError("--trials must be >= 1 and --ceiling-trials >= 0")
+    if s.steps <= s.warmup_steps:
+        raise SweepError(f"--steps {s.steps} leaves nothing to measure after {s.warmup_steps} warm-up steps")
+    if s.workers < 0:
+        raise SweepError(f"--workers must be >= 0, got {s.workers}")
+    s.workers = s.workers or default_workers()
+    if s.ranks == 0:
+        s.ranks = torch.cuda.device_count() if s.cuda else (2 if (os.cpu_count() or 1) >= 2 else 1)
+    if s.amp == "auto":
+        s.amp = "bf16" if (not s.cuda or torch.cuda.is_bf16_supported()) else "fp16"
+    if s.amp not in ("bf16", "fp16"):
+        raise SweepError(f"--amp must be auto, bf16 or fp16, got {s.amp!r}")
+    if s.amp == "fp16" and not s.cuda:
+        raise SweepError("--amp fp16 needs CUDA")
+    return s
+
+
+def _median_ips(trials: list[dict]) -> float | None:
+    v = [r["metrics"]["images_per_second"] for r in trials]
+    return statistics.median(v) if v else None
+
+
+class Sweep:
+    def __init__(self, settings: Settings, out: Path, command: list[str], log=print):
+        self.s = resolve(settings)
+        self.out = Path(out)
+        self.runs = self.out / "runs"
+        self.command = command
+        self.log = log
+        self.steps: list[Step] = []
+        self.ceilings: dict[str, list[str]] = {}
+        self.loaded: dict[str, dict] = {}
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _record(self) -> None:
+        doc = {
+            "schema": SCHEMA,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": self.command,
+            "settings": dataclasses.asdict(self.s),
+            "steps": [dataclasses.asdict(st) for st in self.steps],
+            "ceilings": self.ceilings,
+        }
+        tmp = self.out / ".sweep.json.tmp"
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, self.out / "sweep.json")  # a reader never sees half a file
+
+    def _trials(self, step: Step, stack: Stack, extra: list[str], n: int) -> list[dict]:
+        argv = stack.argv(self.s) + extra + ["--label", step.key]
+        step.argv = argv
+        start = time.perf_counter()
+        got = []
+        for i in range(n):
+            t: Trial = run_trial(argv, self.runs, timeout=self.s.trial_timeout)
+            if t.path is None:
+                step.errors.append(t.error or "failed")
+                self.log(f"  {step.key} trial {i + 1}: FAILED: {t.error}")
+                continue
+            rel = str(t.path.relative_to(self.out))
+            step.results.append(rel)
+            self.loaded[rel] = t.result
+            got.append(t.result)
+            self.log(f"  {step.key} trial {i + 1}: {t.result['metrics']['images_per_second']:.1f} img/s")
+        step.seconds = time.perf_counter() - start
+        step.status = "ok" if got else "failed"
+        if not got:
+            step.reason = step.errors[-1]
+        return got
+
+    def _ceiling(self, stack: Stack) -> str | None:
+        """Synthetic-loader runs with this stack's model settings: the rate without any input cost."""
+        if not self.s.ceiling_trials:
+            return None
+        key = f"ceiling-{stack.amp}-{'cl' if stack.channels_last else 'nchw'}-" \
+              f"{'compiled' if stack.compile else 'eager'}-{stack.ranks}r"
+        if key not in self.ceilings:
+            ceiling = dataclasses.replace(stack, loader="synthetic", workers=0, pin_memory=False, persistent=False,
+                                          prefetch_factor=None, device_normalize=False)
+            step = Step(key, "synthetic ceiling", "ceiling")
+            self.log(f"{key}: the synthetic ceiling for these model settings")
+            self._trials(step, ceiling, ["--steps", str(self.s.steps), "--no-eval"], self.s.ceiling_trials)
+            self.ceilings[key] = step.results
+        return key
+
+    def _skip(self, step: Step, reason: str) -> None:
+        step.status, step.reason = "skipped", reason
+        self.log(f"{step.key}: skipped ({reason})")
+
+    # -- the ladder ----------------------------------------------------------------------------
+    def run(self) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if (self.out / "sweep.json").exists():
+            raise SweepError(f"{self.out} already holds a sweep; choose a new --out (results are never overwritten)")
+        s = self.s
+        steps_arg = ["--steps", str(s.steps)]
+        stack = Stack()
+        best = self._step(Step("baseline", "naive baseline: DataLoader, 0 workers, fp32, NCHW, eval with autograd",
+                               "baseline"), stack, steps_arg)
+        if best is None:
+            self._record()
+            raise SweepError(f"the baseline failed: {self.steps[-1].reason}")
+        ref_key, ref_ips = "baseline", best
+
+        def technique(key: str, title: str, change: dict, needs: str | None = None):
+            nonlocal stack, ref_key, ref_ips
+            if key not in s.techniques:
+                return
+            step = Step(key, title, "technique", reference=ref_key)
+            if needs:
+                self.steps.append(step)
+                self._skip(step, needs)
+                self._record()
+                return
+            trial_stack = dataclasses.replace(stack, **change)
+            ips = self._step(step, trial_stack, steps_arg)
+            if ips is None:
+                step.kept = False
+            else:
+                step.kept = s.keep_all or ips > ref_ips
+                if step.kept:
+                    stack, ref_key, ref_ips = trial_stack, key, ips
+            self._record()
+
+        technique("workers", f"DataLoader workers ({s.workers})", {"workers": s.workers})
+        technique("pin_memory", "pinned host memory + non_blocking copies", {"pin_memory": True},
+                  needs=None if s.cuda else "pinned memory speeds host-to-GPU copies; no CUDA here")
+        technique("persistent", "persistent workers + prefetch_factor 4", {"persistent": True, "prefetch_factor": 4},
+                  needs=None if stack.workers else "needs workers (the workers step was not kept)")
+        technique("device_normalize", "uint8 batches, normalised on the device", {"device_normalize": True})
+        technique("amp", f"mixed precision ({s.amp})", {"amp": s.amp})
+        technique("channels_last", "channels_last memory format", {"channels_last": True})
+        technique("compile", "torch.compile (compilation inside the warm-up steps)", {"compile": True})
+        if "inference_eval" in s.techniques:
+            self._eval_step(stack, ref_key, steps_arg)
+            stack = dataclasses.replace(stack, eval_inference_mode=True)
+        swap = self._swaps(stack, ref_key, ref_ips, steps_arg)
+        if swap is not None:
+            stack, ref_key, ref_ips = swap
+        ddp_needs = None
+        if s.ranks < 2:
+            ddp_needs = "one GPU on this machine" if s.cuda else "one core on this machine"
+        technique("ddp", f"DDP over {s.ranks} {'GPUs' if s.cuda else 'CPU ranks (gloo)'}", {"ranks": s.ranks},
+                  needs=ddp_needs)
+        if "early_stop" in s.techniques:
+            self._early_stop(stack, ref_key)
+        self._record()
+        return self.out / "sweep.json"
+
+    def _step(self, step: Step, stack: Stack, extra: list[str], trials: int | None = None) -> float | None:
+        self.steps.append(step)
+        self.log(f"{step.key}: {step.title}")
+        got = self._trials(step, stack, extra, trials or self.s.trials)
+        if got:
+            step.ceiling = self._ceiling(stack)
+        self._record()
+        return _median_ips(got)
+
+    def _eval_step(self, stack: Stack, ref_key: str, steps_arg: list[str]) -> None:
+        step = Step("inference_eval", "evaluation under torch.inference_mode", "eval", reference=ref_key)
+        self._step(step, dataclasses.replace(stack, eval_inference_mode=True), steps_arg)
+        step.kept = step.status == "ok"
+        self._record()
+
+    def _swaps(self, stack: Stack, ref_key: str, ref_ips: float, steps_arg: list[str]):
+        best = None
+        for name in SWAPS:
+            if name not in self.s.techniques:
+                continue
+            step = Step(name, f"loader swap: {name}", "swap", reference=ref_key)
+            backend = BACKENDS[name]
+            if not backend.installed:
+                self.steps.append(step)
+                self._skip(step, f"{name} is not installed (pip install 'loaderbench[{backend.extra}]')")
+                step.kept = False
+                self._record()
+                continue
+            workers = stack.workers or self.s.workers
+            swapped = dataclasses.replace(stack, loader=name, workers=workers)
+            ips = self._step(step, swapped, steps_arg)
+            step.kept = False
+            if ips is not None and ips > ref_ips and (best is None or ips > best[2]):
+                best = (swapped, name, ips)
+        if best is not None:
+            for st in self.steps:
+                if st.key == best[1]:
+                    st.kept = True
+        self._record()
+        return best
+
+    def _early_stop(self, stack: Stack, ref_key: str) -> None:
+        s = self.s
+        step = Step("early_stop", f"early stopping at val accuracy {s.target_accuracy:g} "
+                    f"(of {s.early_stop_epochs} epochs)", "early_stop", reference=ref_key)
+        # One run of every epoch, evaluated each epoch: stopping at the first epoch that reaches the
+        # target would have produced exactly that run's first epochs, so time to target is read
+        # from it and compared with the whole run, not extrapolated.
+        self._step(step, stack, ["--epochs", str(s.early_stop_epochs)], trials=1)
+        step.kept = step.status == "ok"
+        self._record()

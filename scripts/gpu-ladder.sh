@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The techniques ladder on a lent GPU machine (see ../shared/gpu/README.md for carrying DALI,
+# webdataset and FFCV there). Generates a larger set (10 classes x 1000 + 100 images; the default
+# 1600 images are a dozen steps of an H100 epoch), then runs `bench sweep` for MODEL.
+#   bash scripts/gpu-ladder.sh MODEL OUTDIR [extra bench sweep args]
+# torch.compile is measured apart (one run of the final stack): in the ladder every later step
+# would pay its compilation again, more than a lease allows.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+MODEL=$1; OUTDIR=$2; shift 2
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 LOADERBENCH_CACHE=${LOADERBENCH_CACHE:-/tmp/lbcache}
+DATA=${DATA:-/tmp/big}
+[ -d "$DATA" ] || python3 -m bench.cli data synth --out "$DATA" --train-per-class 1000 --val-per-class 100
+python3 -m bench.cli sweep --data "$DATA" --model "$MODEL" --batch-size 128 --steps 30 --trials 2 \
+  --techniques workers,pin_memory,persistent,device_normalize,amp,channels_last,inference_eval,dali,ffcv,wds,ddp,early_stop \
+  --trial-timeout 150 --out "$OUTDIR" "$@"
+# torch.compile on the ladder's final stack, one run in the same folder (label compile-final)
+python3 - "$OUTDIR" <<'PY'
+import json, sys
+from pathlib import Path
+from bench.launch import run_trial
+out = Path(sys.argv[1])
+steps = json.loads((out / "sweep.json").read_text())["steps"]
+final = [s for s in steps if s["key"] == "early_stop" and s["argv"]]
+if final:
+    argv = final[0]["argv"][:-4] + ["--steps", "30", "--compile", "--label", "compile-final"]
+    t = run_trial(argv, out / "runs", timeout=300)
+    print("compile-final:", t.error or f"{t.result['metrics']['images_per_second']:.1f} img/s")
+PY
+python3 -m bench.cli report "$OUTDIR" --title "Techniques ladder: $MODEL on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
