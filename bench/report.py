@@ -185,6 +185,8 @@ def ladder_table(rungs: list[Rung], sweep: dict) -> list[str]:
                             f"(epoch {r.target_epoch}) vs {r.full_time:.1f} s")
         acc = "-" if r.val_acc is None else f"{r.val_loss:.3f} / {r.val_acc:.3f}"
         kept = {True: "yes", False: "no", None: "-"}[r.kept] if r.kind != "baseline" else "-"
+        if r.kind == "apart":
+            kept = "helped; measured apart" if r.kept else "no; measured apart"
         lines.append(f"| {r.key} | {r.title} | {ips} | {marginal} | {_x(r.cumulative)} | {_pct(r.data_wait)} | "
                      f"{_pct(r.ceiling_pct)} | {acc} | {_x(r.eval_s, '.2f', '')} | {kept} |")
     return lines
@@ -341,8 +343,9 @@ def render(folder: Path | str, title: str | None = None) -> Path:
                   "(a technique is kept when it raised images/s" + (", here: every one" if s["keep_all"] else "")
                   + "); backend swaps are measured against the same stack; *marginal* is against the step named "
                   "in `reference`, *cumulative* against the baseline, *% of ceiling* against the synthetic loader "
-                  "with the same model settings. Evaluation and early stopping change evaluation time and time to "
-                  "accuracy, not images/s.", ""]
+                  "with the same model settings. `torch.compile` is measured on the stack so far but not carried on "
+                  "(every later process would compile again). Evaluation and early stopping change evaluation time "
+                  "and time to accuracy, not images/s.", ""]
         lines += ladder_table(rungs, sweep) + [""]
         skipped = [r for r in rungs if r.status != "ok"]
         if skipped:
@@ -369,7 +372,7 @@ def render(folder: Path | str, title: str | None = None) -> Path:
             lines.append(f"| {opts} | {'failed: ' + tr['error'] if ips is None else f'{ips:,.1f}'} |")
         lines.append("")
     if "doctor.json" in docs:
-        lines += ["## `bench doctor`", "", *docs["doctor.json"]["verdict"].splitlines(), ""]
+        lines += ["## `bench doctor`", "", "```", *docs["doctor.json"]["verdict"].splitlines(), "```", ""]
     plots += plot_workers(results, folder)
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]

@@ -245,7 +245,7 @@ class Sweep:
             raise SweepError(f"the baseline failed: {self.steps[-1].reason}")
         ref_key, ref_ips = "baseline", best
 
-        def technique(key: str, title: str, change: dict, needs: str | None = None):
+        def technique(key: str, title: str, change: dict, needs: str | None = None, carry: bool = True):
             nonlocal stack, ref_key, ref_ips
             if key not in s.techniques:
                 return
@@ -261,8 +261,11 @@ class Sweep:
                 step.kept = False
             else:
                 step.kept = s.keep_all or ips > ref_ips
-                if step.kept:
+                if step.kept and carry:
                     stack, ref_key, ref_ips = trial_stack, key, ips
+                elif not carry:
+                    step.kind = "apart"
+                    step.reason = "measured apart, not carried into later steps (each process compiles again)"
             self._record()
 
         technique("workers", f"DataLoader workers ({s.workers})", {"workers": s.workers})
@@ -273,7 +276,9 @@ class Sweep:
         technique("device_normalize", "uint8 batches, normalised on the device", {"device_normalize": True})
         technique("amp", f"mixed precision ({s.amp})", {"amp": s.amp})
         technique("channels_last", "channels_last memory format", {"channels_last": True})
-        technique("compile", "torch.compile (compilation inside the warm-up steps)", {"compile": True})
+        # Measured on the stack so far but not carried on: every later step's processes would pay the
+        # compilation again (minutes for a ResNet), which the ladder's budget cannot afford.
+        technique("compile", "torch.compile (compilation inside the warm-up steps)", {"compile": True}, carry=False)
         if "inference_eval" in s.techniques:
             self._eval_step(stack, ref_key, steps_arg)
             stack = dataclasses.replace(stack, eval_inference_mode=True)

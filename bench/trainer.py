@@ -119,7 +119,8 @@ def evaluate(model: nn.Module, loader, cfg: TrainConfig, device: torch.device) -
     with grad_ctx, _autocast(cfg, device):
         for images, labels in loader:
             logits = model(images)
-            loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").double()
+            # detached: evaluating with autograd on (the naive baseline) must not keep every batch's graph
+            loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").detach().double()
             correct += (logits.argmax(1) == labels).sum()
             seen += labels.numel()
     total_loss, total_correct, total_seen = _all_reduce([loss_sum.item(), correct.item(), seen], device)

@@ -359,7 +359,11 @@ class FfcvLoader(BaseLoader):
         self._loader.next_epoch = self.epoch  # FFCV counts epochs itself; set_epoch decides
         threads = torch.get_num_threads()
         start = time.perf_counter()
-        it = iter(self._loader)
+        # FFCV allocates its output buffers here and its pipeline thread writes them in place; under
+        # the caller's torch.inference_mode (evaluation) they would be inference tensors, which a
+        # thread outside that mode may not update (found on a GPU, where ToDevice allocates them).
+        with torch.inference_mode(False):
+            it = iter(self._loader)
         torch.set_num_threads(threads)
         try:
             while True:

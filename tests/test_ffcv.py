@@ -148,3 +148,14 @@ def test_a_failing_pipeline_thread_raises_instead_of_hanging(small_data, tmp_cac
             seen += 1
     assert seen == 2 and time.monotonic() - start < 60
     loader.close()
+
+
+def test_evaluation_under_inference_mode(small_data, tmp_cache):
+    """The trainer evaluates under torch.inference_mode; FFCV's buffers must still be writable by
+    its pipeline thread (on CUDA they are torch tensors allocated when iteration starts)."""
+    loader = build_loader("ffcv", small_data / "val", batch_size=8, train=False, image_size=32, device="cpu",
+                          num_workers=1)
+    with torch.inference_mode():
+        n = sum(y.numel() for _, y in loader)
+    assert n == loader.num_samples
+    loader.close()
