@@ -342,6 +342,7 @@ def _report_parsers(sub) -> None:
     p = sub.add_parser("report", help="render a folder of results into README.md with plots")
     p.add_argument("folder", help="folder holding result JSON files (and sweep.json / tune.json / doctor.json)")
     p.add_argument("--title")
+    p.add_argument("--command", dest="produced_by", help="the command that produced the folder (default: the commands recorded in it)")
     p = sub.add_parser("compare", help="ratio per metric between two result files or folders (B / A)")
     p.add_argument("a")
     p.add_argument("b")
@@ -350,7 +351,7 @@ def _report_parsers(sub) -> None:
 def cmd_report(args) -> int:
     from . import report
 
-    print(report.render(args.folder, args.title))
+    print(report.render(args.folder, args.title, args.produced_by))
     return 0
 
 

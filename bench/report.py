@@ -313,7 +313,7 @@ def data_line(r: dict) -> str:
             f"{c['image_size']} px crops, batch {c['batch_size']} per rank")
 
 
-def render(folder: Path | str, title: str | None = None) -> Path:
+def render(folder: Path | str, title: str | None = None, command: str | None = None) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
         raise ReportError(f"{folder}: folder not found")
@@ -328,10 +328,12 @@ def render(folder: Path | str, title: str | None = None) -> Path:
              f"Data: {data_line(first)}.", "",
              "Throughput is images / wall time after the warm-up steps, summed over ranks (evaluation excluded); "
              "medians over trials. Rendered by `bench report` from the JSON results under this folder.", ""]
-    commands = [" ".join(d["command"]) for d in docs.values() if d.get("command")]
+    commands = [command] if command else [" ".join(d["command"]) for d in docs.values() if d.get("command")]
     if not commands:
         commands = sorted({" ".join(r["command"]) for r in results.values()})[:20]
     lines += ["Produced by:", "", "```", *commands, "```", ""]
+    if (folder / "NOTES.md").is_file():  # what the results cannot say themselves (how a run ended, caveats)
+        lines += ["## Notes", "", (folder / "NOTES.md").read_text().strip(), ""]
     plots: list[str] = []
     if "sweep.json" in docs:
         sweep = docs["sweep.json"]

@@ -15,4 +15,4 @@ for trial in $(seq "$TRIALS"); do
   "$B" run "${COMMON[@]}" --loader torch --workers 2 >/dev/null
   echo "trial $trial done" >&2
 done
-.venv/bin/python scripts/summarize_runs.py "$OUT" "bash $0 $*" "dali (CPU pipeline) vs torch, 2-core CPU"
+.venv/bin/bench report "$OUT" --command "bash $0 $*" --title "Figures: dali (CPU pipeline) vs torch, 2-core CPU"

@@ -36,5 +36,5 @@ for trial in $(seq "$TRIALS"); do
   done
   echo "trial $trial done" >&2
 done
-.venv/bin/python scripts/summarize_runs.py "$OUT" "bash $0 $*" "ffcv vs torch at equal storage resolution, 2-core CPU"
+.venv/bin/bench report "$OUT" --command "bash $0 $*" --title "Figures: ffcv vs torch at equal storage resolution, 2-core CPU"
 cat "$OUT/conversions.md" | tee -a "$OUT/README.md"

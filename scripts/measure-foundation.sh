@@ -24,4 +24,4 @@ for trial in $(seq "$TRIALS"); do
   measure "e2e-torch-ddp2" "${COMMON[@]}" --workers 1 --cpu-ranks 2
   echo "trial $trial done" >&2
 done
-.venv/bin/python scripts/summarize_runs.py "$OUT" "bash $0 $*" "the torch backend, the synthetic ceiling, 2-rank CPU DDP"
+.venv/bin/bench report "$OUT" --command "bash $0 $*" --title "Figures: the torch backend, the synthetic ceiling, 2-rank CPU DDP"

@@ -34,5 +34,5 @@ for trial in $(seq "$TRIALS"); do
   done
   echo "trial $trial done" >&2
 done
-.venv/bin/python scripts/summarize_runs.py "$OUT" "bash $0 $*" "wds (tar shards) vs torch (files), same JPEGs, 2-core CPU"
+.venv/bin/bench report "$OUT" --command "bash $0 $*" --title "Figures: wds (tar shards) vs torch (files), same JPEGs, 2-core CPU"
 cat "$OUT/conversions.md" | tee -a "$OUT/README.md"

@@ -179,3 +179,11 @@ def test_a_tiny_sweep_skips_a_missing_backend_and_reports(small_data, tmp_path, 
     assert "| dali | loader swap: dali | skipped:" in text
     with pytest.raises(Exception, match="already holds a sweep"):
         Sweep(s, out, ["bench", "sweep"], log=lambda *a: None).run()
+
+
+def test_report_command_line_records_the_producing_command(tmp_path):
+    save(fake_result(100.0, "a"), tmp_path / "runs")
+    p = bench("report", str(tmp_path), "--title", "T", "--command", "bash scripts/x.sh", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    text = (tmp_path / "README.md").read_text()
+    assert text.startswith("# T") and "bash scripts/x.sh" in text
