@@ -89,7 +89,8 @@ def test_trainer_amp_channels_last_on_cuda(amp, small_data):
 
     loader = build_loader("synthetic", small_data / "train", batch_size=32, image_size=64, device="cuda",
                           channels_last=True)
-    cfg = TrainConfig(epochs=10, max_steps=25,  # 5 batches per synthetic epoch here amp=amp, channels_last=True, warmup_steps=5)
+    # 5 batches per synthetic epoch here: max_steps ends the run
+    cfg = TrainConfig(epochs=10, max_steps=25, amp=amp, channels_last=True, warmup_steps=5)
     t0 = time.perf_counter()
     result = train(build_model("resnet18", 4), loader, None, cfg, torch.device("cuda"), log=lambda *a: None)
     outside = time.perf_counter() - t0
