@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import os
 import sys
 import typing
@@ -411,13 +412,45 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_backends(args)
     except (LoaderError, UsageError, SynthError, ResultError, TrainError, SweepError, ReportError, DoctorError,
             TuneError) as exc:
-        rank = os.environ.get("RANK")
-        prefix = f"bench: error (rank {rank}): " if rank not in (None, "0") else "bench: error: "
-        print(prefix + str(exc), file=sys.stderr)
-        return 2
+        if not _during_interrupt(exc):
+            return _error(exc)
     except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
+        pass
+    except RuntimeError as exc:
+        # DataLoader's SIGCHLD handler raises a dead worker's error wherever the main thread is
+        # (often inside the model), not only inside the loader's iteration.
+        from loaders.contract import worker_failed
+
+        died = worker_failed(exc, getattr(args, "loader", None) or "data")
+        if died is None:
+            raise
+        if not _during_interrupt(exc):
+            return _error(died)
+    # Interrupted. Said outside the except block, so that the traceback's frames (and a loader
+    # iterator they hold) are gone first: whatever they print on the way out comes before this line.
+    gc.collect()
+    print("bench: interrupted", file=sys.stderr)
+    return 130
+
+
+def _during_interrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while a Ctrl-C was unwinding: a terminal's SIGINT reaches the
+    loader's workers too, and one that dies of it is reported by DataLoader as a dead worker."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _error(exc: Exception) -> int:
+    """One line naming the rank (when not rank 0), exit status 2."""
+    rank = os.environ.get("RANK")
+    prefix = f"bench: error (rank {rank}): " if rank not in (None, "0") else "bench: error: "
+    print(prefix + str(exc), file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

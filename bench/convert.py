@@ -13,9 +13,10 @@ import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
-from loaders.contract import LoaderError, scan_imagefolder
+from loaders.contract import LoaderError, scan_imagefolder, temp_sibling, write_failed
 
 SPLITS = ("train", "val")
 FOLDER_MANIFEST = "storage.json"
@@ -31,11 +32,25 @@ def splits_of(root: Path) -> list[str]:
     return found
 
 
+@contextmanager
+def _tidy_on_failure(out: Path):
+    """Remove ``out`` after a failed conversion if this run created it and left it empty."""
+    existed = out.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
 def to_ffcv(root: Path, out: Path, storage, workers: int | None = None) -> list[dict]:
     from loaders.ffcv import convert_beton
 
-    out.mkdir(parents=True, exist_ok=True)
-    return [convert_beton(root / s, out / f"{s}.beton", storage, workers=workers) for s in splits_of(root)]
+    splits = splits_of(root)
+    with _tidy_on_failure(out):
+        out.mkdir(parents=True, exist_ok=True)
+        return [convert_beton(root / s, out / f"{s}.beton", storage, workers=workers) for s in splits]
 
 
 def to_wds(root: Path, out: Path, sharding, workers: int | None = None) -> list[dict]:
@@ -46,7 +61,8 @@ def to_wds(root: Path, out: Path, sharding, workers: int | None = None) -> list[
     taken = [out / s for s in splits if (out / s).exists()]
     if taken:
         raise LoaderError(f"--out {out}: {taken[0]} exists; choose a new folder")
-    return [convert_shards(root / s, out / s, sharding, workers=workers) for s in splits]
+    with _tidy_on_failure(out):
+        return [convert_shards(root / s, out / s, sharding, workers=workers) for s in splits]
 
 
 def _resize_one(args) -> tuple[int, int, int]:
@@ -74,7 +90,7 @@ def to_folder(root: Path, out: Path, max_resolution: int, quality: int, workers:
         raise LoaderError("--max-resolution must be >= 8 and --jpeg-quality within 1..100")
     if out.exists():
         raise LoaderError(f"--out {out} exists; choose a new folder")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = temp_sibling(out)
     tasks = []
     for split in splits_of(root):
         index = scan_imagefolder(root / split)
@@ -94,7 +110,9 @@ def to_folder(root: Path, out: Path, max_resolution: int, quality: int, workers:
                     "mean_height": sum(s[2] for s in stats) / n, "seconds": round(time.perf_counter() - start, 2)}
         (tmp / FOLDER_MANIFEST).write_text(json.dumps(manifest, indent=1))
         os.rename(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise write_failed(exc, out) from exc
         raise
     return manifest

@@ -81,8 +81,8 @@ def _save(result: dict, out_dir: Path) -> Path:
     what = "loaderonly" if c.get("loader_only") else c["model"]
     stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{c['loader']}-{what}-{c['world_size']}r"
     tmp = out_dir / f".{stem}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(result, indent=1, default=str))
     try:
+        tmp.write_text(json.dumps(result, indent=1, default=str))  # inside: a full disk leaves no partial file
         while True:
             path = out_dir / f"{stem}-{secrets.token_hex(2)}.json"
             try:

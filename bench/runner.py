@@ -7,6 +7,7 @@ import importlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from .models import MODELS, build_model
 from .monitor import ResourceMonitor
 from .convert import FOLDER_MANIFEST, WDS_MANIFEST
 from .synth import MANIFEST, SynthSpec, default_dataset
-from .trainer import TrainConfig, drain, train
+from .trainer import TrainConfig, TrainError, all_reduce_values, drain, train
 
 
 class UsageError(Exception):
@@ -135,12 +136,26 @@ def relaunch(cfg: RunConfig, argv: list[str], data_root: Path) -> int:
     child = [a for a in argv]
     if cfg.data is None:  # generated once here, not by N racing ranks
         child += ["--data", str(data_root)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nprocs(cfg)}",
+    cmd = [sys.executable, "-m", "bench.torchrun", "--standalone", f"--nproc-per-node={nprocs(cfg)}",
            "-m", "bench.cli", *child]
     env = dict(os.environ, LOADERBENCH_LAUNCHED="1")
     if cfg.cpu_ranks:  # share the cores between ranks instead of oversubscribing them
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.cpu_ranks)))
-    return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        # A terminal's Ctrl-C reaches torchrun and the ranks too, and torchrun stops them: wait for
+        # it rather than orphan them; pass the signal on only if this process alone received it.
+        try:
+            return proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
 
 
 def prepare(cfg: RunConfig, *splits: Path | None) -> None:
@@ -199,12 +214,30 @@ def run(cfg: RunConfig, argv: list[str], log=print) -> Path | None:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
+        try:
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
+        except RuntimeError as exc:  # DistStoreError and kin
+            if not lost_a_rank(exc):
+                raise
+            raise TrainError(f"the {world_size} ranks did not all join within --dist-timeout "
+                             f"({cfg.dist_timeout_s} s): {str(exc).strip().splitlines()[0][:300]}") from exc
     try:
         return _run(cfg, argv, device, rank, world_size, log if rank == 0 else (lambda *a, **k: None))
+    except RuntimeError as exc:
+        if world_size > 1 and lost_a_rank(exc):
+            raise TrainError(f"lost contact with another rank ({str(exc).strip().splitlines()[0][:300]}): a rank "
+                             f"died or stalled; such waits end after --dist-timeout ({cfg.dist_timeout_s} s)") from exc
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def lost_a_rank(exc: BaseException) -> bool:
+    """A collective that failed because a peer is gone or silent (gloo says so in its message)."""
+    text = str(exc).lower()  # gloo's wordings vary: "Timed out waiting", "Application timeout caused pair closure"...
+    return isinstance(exc, getattr(dist, "DistError", ())) or any(
+        key in text for key in ("gloo", "nccl", "connection", "timed out", "timeout", "pair closure", "by peer"))
 
 
 def _run(cfg, argv, device, rank, world_size, log) -> Path | None:
@@ -257,10 +290,7 @@ def _run(cfg, argv, device, rank, world_size, log) -> Path | None:
         if val_loader is not None:
             val_loader.close()
     skipped = len(train_loader.skipped) + (len(val_loader.skipped) if val_loader else 0)
-    if world_size > 1:
-        t = torch.tensor([skipped], dtype=torch.int64)
-        dist.all_reduce(t)
-        skipped = int(t.item())
+    skipped = int(all_reduce_values([skipped], device)[0])  # every rank's skips
     if rank != 0:
         return None
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "loader_options"}

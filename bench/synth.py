@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from loaders.contract import temp_sibling, write_failed
+
 MANIFEST = "synth.json"
 SPLITS = ("train", "val")
 
@@ -137,7 +139,7 @@ def generate(out: Path | str, spec: SynthSpec = SynthSpec(), workers: int | None
     if spec.width < 32 or spec.height < 32 or not 1 <= spec.quality <= 100:
         raise SynthError("width/height must be >= 32 and quality within 1..100")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = temp_sibling(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tasks = []
     for split in SPLITS:
@@ -170,8 +172,10 @@ def generate(out: Path | str, spec: SynthSpec = SynthSpec(), workers: int | None
             if not is_complete(out, spec):  # not another process finishing the same set first
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise SynthError(str(write_failed(exc, out))) from exc
         raise
     return manifest
 

@@ -152,6 +152,41 @@ def scan_imagefolder(root: Path | str) -> FolderIndex:
     )
 
 
+def temp_sibling(out: Path) -> Path:
+    """The hidden sibling ``out`` is written under before its atomic rename, named by this process.
+    Leftovers of writers that are gone (killed mid-write) are removed first, so a re-run restarts
+    cleanly instead of accumulating partial copies."""
+    import shutil
+
+    out = Path(out)
+    if out.parent.is_dir():
+        for old in out.parent.glob(f".{out.name}.tmp-*"):
+            pid = old.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    return out.with_name(f".{out.name}.tmp-{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def write_failed(exc: OSError, out: Path) -> LoaderError:
+    """A failed conversion write as one line; the partial output has already been removed."""
+    import errno
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return LoaderError(f"out of space writing {out} ({exc.filename or out.parent}); the partial output was "
+                           "removed: free some space or write elsewhere")
+    return LoaderError(f"cannot write {out}: {exc.strerror or exc}; the partial output was removed")
+
+
 def decode_problem(path: str) -> str | None:
     """Why ``path`` cannot be decoded as an RGB image, or None if it can (a full decode: truncated
     JPEGs only show there). For backends whose decoder fails without naming the file."""
@@ -267,8 +302,30 @@ class BaseLoader:
             "num_classes": len(self.classes),
         }
 
-    def _skip_or_raise(self, bad: list[tuple[str, str]]) -> None:
+    def _skip_or_raise(self, bad: list[tuple[str, str]], batch_empty: bool = False) -> None:
         for path, reason in bad:
             if self.config.on_bad_sample == "stop":
                 raise BadSampleError(path, reason)
             self.skipped.append(path)
+        if batch_empty and self.config.train and self.config.world_size > 1:
+            # Dropping the batch would give this rank one step fewer than the others: DDP would hang.
+            raise LoaderError(
+                f"every sample of a batch on rank {self.config.rank} was bad ({', '.join(p for p, _ in bad[:3])}"
+                f"{' ...' if len(bad) > 3 else ''}); skipping it would leave the ranks a step apart. Remove the "
+                "bad files or use a larger batch size")
+
+
+def worker_failed(exc: RuntimeError, backend: str) -> LoaderError | None:
+    """DataLoader's own report of a dead worker ("DataLoader worker (pid N) exited unexpectedly" or
+    "is killed by signal") or of its ``timeout`` expiring, as a LoaderError that says what usually
+    causes it; None for other errors."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if first.startswith("DataLoader timed out after"):
+        seconds = first.split("after", 1)[1].split("seconds")[0].strip()
+        return LoaderError(f"{backend} loader: no batch from the workers within timeout={seconds} s: a worker is "
+                           "stuck (a hung network mount, a deadlock) or one batch takes longer than that "
+                           "(raise -o timeout=...)")
+    if "DataLoader worker" not in first:
+        return None
+    return LoaderError(f"{backend} loader: {first.rstrip('. ')}. A worker killed by a signal is usually the "
+                       "kernel's OOM killer (see `dmesg`): fewer num_workers or a smaller batch needs less memory")

@@ -165,7 +165,8 @@ class DaliLoader(BaseLoader):
 
     def __iter__(self):
         cfg = self.config
-        order = self._order()
+        order = epoch_order = self._order()
+        self._bad: set[str] = set()
         pos, restarts = 0, 0  # samples of ``order`` already yielded
         it = self._start(order, restarts)
         try:
@@ -183,8 +184,16 @@ class DaliLoader(BaseLoader):
                         raise LoaderError(f"DALI pipeline failed reading {cfg.data}: {str(exc).splitlines()[0]}") from exc
                     self._skip_or_raise(bad)  # raises under 'stop'
                     bad_paths = {p for p, _ in bad}
+                    self._bad |= bad_paths
                     rest = order[pos:]
                     order = rest[[str(self.index.paths[i]) not in bad_paths for i in rest]]
+                    if cfg.train and cfg.world_size > 1 and len(order) < len(rest):
+                        # Fewer samples could mean fewer batches than the other ranks take (DDP
+                        # would hang): refill with this rank's own good samples, as padding does.
+                        good = epoch_order[[str(self.index.paths[i]) not in self._bad for i in epoch_order]]
+                        if len(good) == 0:
+                            raise LoaderError(f"every sample on rank {cfg.rank} is bad; remove the bad files")
+                        order = np.concatenate([order, np.resize(good, len(rest) - len(order))])
                     pos, restarts = 0, restarts + 1
                     if len(order) == 0:
                         return

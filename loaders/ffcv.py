@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ from .contract import (
     normalize_uint8,
     scan_imagefolder,
     shard_sizes,
+    temp_sibling,
+    write_failed,
 )
 
 ORDERS = ("random", "quasi_random")
@@ -126,6 +129,67 @@ def _patch_epoch_iterator() -> None:
     ei.EpochIterator._loaderbench_patched = True
 
 
+_WRITER_OUT_OF_SPACE = 28  # a writer process's exit status for ENOSPC (the errno's value)
+_writer_processes: list = []  # the running conversion's writer processes and progress bars
+_writer_bars: list = []
+
+
+def _patch_writer() -> None:
+    """FFCV's DatasetWriter waits for its worker processes' sample count and never checks whether
+    they are alive: a worker that fails (a full disk, an unreadable file) hangs the conversion
+    forever. Workers now exit with a status that says why, and the wait checks them."""
+    import errno
+    import multiprocessing
+    import time as _time
+
+    from ffcv import writer as w
+
+    if getattr(w, "_loaderbench_patched", False):
+        return
+    job = w.worker_job_indexed_dataset
+    started, bars = _writer_processes, _writer_bars
+
+    def guarded_job(*args):
+        try:
+            job(*args)
+        except BaseException as exc:  # noqa: BLE001 - reported through the exit status
+            print(f"ffcv writer process: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            os._exit(_WRITER_OUT_OF_SPACE if full else 1)
+
+    class TrackedBar(w.tqdm):  # closed before the error is raised, so it prints before the message
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    class TrackedProcess(multiprocessing.Process):
+        def start(self):
+            started.append(self)
+            super().start()
+
+    def checking_sleep(seconds):
+        _time.sleep(seconds)
+        failed = [p for p in started if p.exitcode not in (None, 0)]
+        if failed:
+            for p in started:
+                if p.exitcode is None:
+                    p.kill()
+            codes = {p.exitcode for p in failed}
+            started.clear()
+            for bar in bars:
+                bar.close()
+            bars.clear()
+            if _WRITER_OUT_OF_SPACE in codes:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise LoaderError(f"an FFCV writer process failed (exit status {sorted(codes)}; its error is above)")
+
+    w.worker_job_indexed_dataset = guarded_job
+    w.Process = TrackedProcess
+    w.tqdm = TrackedBar
+    w.sleep = checking_sleep
+    w._loaderbench_patched = True
+
+
 def check_storage(s: Storage) -> None:
     if s.write_mode not in WRITE_MODES:
         raise LoaderError(f"write_mode must be one of {', '.join(WRITE_MODES)}, got {s.write_mode!r}")
@@ -166,7 +230,9 @@ def _validate_images(paths: np.ndarray, workers: int) -> None:
     with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL while decoding
         for path, problem in zip(names, pool.map(decode_problem, names, chunksize=64)):
             if problem:
-                raise LoaderError(f"cannot convert {path}: {problem} (remove or replace the file, then convert again)")
+                raise LoaderError(f"cannot convert {path}: {problem} (ffcv decodes inside its compiled pipeline and "
+                                  "cannot skip a bad sample, so conversion checks every image: remove or replace "
+                                  "the file, then convert again)")
 
 
 def convert_beton(split: Path | str, out: Path | str, storage: Storage = Storage(), workers: int | None = None,
@@ -177,6 +243,9 @@ def convert_beton(split: Path | str, out: Path | str, storage: Storage = Storage
     whose size disagrees with it) is incomplete and refused by the loader.
     """
     _import_ffcv()
+    _patch_writer()
+    _writer_processes.clear()
+    _writer_bars.clear()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
@@ -186,8 +255,9 @@ def convert_beton(split: Path | str, out: Path | str, storage: Storage = Storage
     workers = workers or os.cpu_count() or 1
     _validate_images(index.paths, workers)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = temp_sibling(out)
     start = time.perf_counter()
+    writer = m_tmp = None  # what the failure path below must clean up, once created
     try:
         field = RGBImageField(write_mode=storage.write_mode, max_resolution=storage.max_resolution,
                               jpeg_quality=storage.jpeg_quality, compress_probability=storage.compress_probability)
@@ -200,12 +270,28 @@ def convert_beton(split: Path | str, out: Path | str, storage: Storage = Storage
             "classes": list(index.classes),
             "storage": asdict(storage),
             "bytes": tmp.stat().st_size,
+            "sha1": _sha1(tmp),
             "seconds": round(time.perf_counter() - start, 2),
         }
+        m_path = Path(str(out) + MANIFEST_SUFFIX)
+        m_tmp = temp_sibling(m_path)
+        m_tmp.write_text(json.dumps(manifest, indent=1))
+        # The manifest last: killed between the two, the .beton has none and loaders refuse it.
         os.replace(tmp, out)
-        Path(str(out) + MANIFEST_SUFFIX).write_text(json.dumps(manifest, indent=1))
-    except BaseException:
+        os.replace(m_tmp, m_path)
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        sm = getattr(writer, "metadata_sm", None)
+        if sm is not None:  # FFCV's shared memory, freed only on success
+            sm.close()
+            try:
+                sm.unlink()
+            except FileNotFoundError:
+                pass
+        if m_tmp is not None:
+            m_tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_failed(exc, out) from exc
         raise
     if progress:
         print(f"ffcv: wrote {out} ({manifest['bytes'] / 1e6:.1f} MB, {len(index)} samples) in "
@@ -213,8 +299,23 @@ def convert_beton(split: Path | str, out: Path | str, storage: Storage = Storage
     return manifest
 
 
-def read_manifest(beton: Path) -> dict:
-    """The manifest of a complete .beton, or a LoaderError naming what is wrong."""
+VERIFY_MAX_BYTES = 4 << 30  # checksums of larger files would cost every run minutes; size checks remain
+
+
+def _sha1(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(beton: Path, verify: bool = True) -> dict:
+    """The manifest of a complete, undamaged .beton, or a LoaderError naming what is wrong. FFCV
+    decodes a damaged JPEG record into garbage without a word, so the file's checksum, recorded at
+    conversion, is checked (up to VERIFY_MAX_BYTES; about 0.1 s per 100 MB)."""
     m_path = Path(str(beton) + MANIFEST_SUFFIX)
     if not beton.is_file():
         raise LoaderError(f"ffcv file not found: {beton}")
@@ -229,6 +330,9 @@ def read_manifest(beton: Path) -> dict:
     if size != manifest.get("bytes"):
         raise LoaderError(f"{beton} is damaged: {size} bytes, its manifest says {manifest.get('bytes')}; "
                           "convert again")
+    if verify and "sha1" in manifest and size <= VERIFY_MAX_BYTES and _sha1(beton) != manifest["sha1"]:
+        raise LoaderError(f"{beton} is damaged: its content differs from the checksum recorded when it was "
+                          "converted; convert again")
     return manifest
 
 
@@ -276,9 +380,10 @@ def build(cfg: LoaderConfig, opts: Options) -> "FfcvLoader":
     if cfg.data is None:
         raise LoaderError("the ffcv backend needs data= (a .beton, or an ImageFolder split to convert)")
     data = Path(cfg.data)
-    if data.is_dir():
-        data = cached_beton(data, storage, progress=cfg.rank == 0)
-    manifest = read_manifest(data)
+    converted = data.is_dir()
+    if converted:
+        data = cached_beton(data, storage, progress=cfg.rank == 0)  # verified there
+    manifest = read_manifest(data, verify=not converted)
     if manifest["samples"] < cfg.world_size:
         raise LoaderError(f"{manifest['samples']} samples in {data} cannot be split over {cfg.world_size} ranks")
     return FfcvLoader(cfg, opts, data, manifest, distributed)

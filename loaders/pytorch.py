@@ -7,6 +7,9 @@ stream one batch ahead, normalisation on the device: timm's PrefetchLoader idea)
 """
 from __future__ import annotations
 
+import signal
+import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +28,7 @@ from .contract import (
     scan_imagefolder,
     shard_indices,
     shard_sizes,
+    worker_failed,
 )
 
 
@@ -36,6 +40,7 @@ class Options:
     persistent_workers: bool = False
     prefetch_factor: int | None = None  # DataLoader's default (2) when workers are used
     device_normalize: bool = False  # uint8 collate + normalise on the device
+    timeout: float = 0  # seconds to wait for one batch from the workers; 0 waits forever (DataLoader's)
 
 
 def build(cfg: LoaderConfig, opts: Options) -> "TorchLoader":
@@ -45,12 +50,106 @@ def build(cfg: LoaderConfig, opts: Options) -> "TorchLoader":
         raise LoaderError("persistent_workers and prefetch_factor need num_workers >= 1")
     if opts.prefetch_factor is not None and opts.prefetch_factor < 1:
         raise LoaderError(f"prefetch_factor must be >= 1, got {opts.prefetch_factor}")
+    check_timeout(opts)
     if cfg.data is None:
         raise LoaderError("the torch backend needs data= (an ImageFolder split folder)")
     index = scan_imagefolder(cfg.data)
     if len(index) < cfg.world_size:
         raise LoaderError(f"{len(index)} samples in {cfg.data} cannot be split over {cfg.world_size} ranks")
     return TorchLoader(cfg, opts, index)
+
+
+def check_timeout(opts) -> None:
+    if opts.timeout < 0:
+        raise LoaderError(f"timeout must be >= 0 seconds (0 waits forever), got {opts.timeout}")
+    if opts.timeout and opts.num_workers == 0:
+        raise LoaderError("timeout needs num_workers >= 1 (it bounds the wait for a worker's batch)")
+
+
+def checked(it, backend: str):
+    """Iterate a DataLoader iterator; a dead or stuck worker becomes a LoaderError that says so. The
+    workers are stopped before raising: the error's traceback keeps the iterator alive, and with it
+    DataLoader's SIGCHLD check of those workers, which would raise again wherever the caller is later."""
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except RuntimeError as exc:
+            stop_workers(it)
+            raise (worker_failed(exc, backend) or exc) from exc
+        yield item
+
+
+def start_workers(loader: DataLoader):
+    """``iter(loader)`` with a terminal's Ctrl-C held back while the workers start (every epoch),
+    and left to the main process. Otherwise it can land in a starting worker, which dies with exit
+    code 1 (reported as a dead worker), or in the main process's at-fork handlers, where Python
+    prints and drops the KeyboardInterrupt and the run goes on. The workers keep the holding
+    handler: the main process stops them (close()). A held Ctrl-C is passed on once they are up."""
+    if threading.current_thread() is not threading.main_thread():  # only it can set handlers
+        return iter(loader)
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        it = iter(loader)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+    if held:
+        try:
+            signal.raise_signal(signal.SIGINT)  # the caller's handler, KeyboardInterrupt by default
+        except BaseException:
+            stop_workers(it)
+            raise
+    return it
+
+
+def stop_workers(it) -> None:
+    """Stop a DataLoader iterator's workers now, not whenever it is garbage-collected (after bench
+    has printed its last line, or never for a persistent one). A worker that has died meanwhile makes
+    DataLoader's SIGCHLD check raise while the others are joined; it has nothing left to tell at
+    this point, and the shutdown's own ``finally`` has stopped the rest and dropped the check."""
+    shutdown = getattr(it, "_shutdown_workers", None)  # private, but the only way short of GC
+    if shutdown is None:
+        return
+    try:
+        shutdown()
+    except RuntimeError as exc:
+        if worker_failed(exc, "") is None:
+            raise
+
+
+def quiet_hand_over(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a worker whose main process dies (a rank killed by the OOM
+    killer) while taking a batch's shared memory from it prints no multiprocessing traceback; the
+    death is reported by bench or torchrun, and a living main process raises its own side of a
+    failed hand-over. In a worker, only multiprocessing's fd-sharing thread reports through
+    sys.excepthook (the worker's own errors go to the main process)."""
+    default = sys.excepthook
+
+    def hook(kind, value, tb):
+        if not issubclass(kind, (EOFError, ConnectionError)):
+            default(kind, value, tb)
+
+    sys.excepthook = hook
+
+
+class WorkerEpochs:
+    """A DataLoader iterated epoch by epoch through start_workers() and checked(); close() stops the
+    live iterator's workers, whether its epoch ended, failed or was interrupted (persistent workers
+    belong to the DataLoader's own ``_iterator``)."""
+
+    def __init__(self, loader: DataLoader, backend: str):
+        self.loader, self.backend, self._live = loader, backend, None
+
+    def __iter__(self):
+        self._live = start_workers(self.loader)
+        return checked(self._live, self.backend)
+
+    def close(self) -> None:
+        stop_workers(self._live)
+        stop_workers(self.loader._iterator)
+        self._live = self.loader._iterator = None
 
 
 def transform_for(cfg: LoaderConfig, float_in_workers: bool) -> v2.Compose:
@@ -157,7 +256,7 @@ class TorchLoader(BaseLoader):
                 n, cfg.rank, cfg.world_size, shuffle=False, seed=cfg.seed, epoch=epoch, pad=False
             )
         workers = opts.num_workers
-        self._loader = DataLoader(
+        self._loader = WorkerEpochs(DataLoader(
             _Samples(index, transform_for(cfg, float_in_workers=not opts.device_normalize), cfg.seed),
             batch_size=cfg.batch_size,
             sampler=_EpochKeys(self),
@@ -167,9 +266,11 @@ class TorchLoader(BaseLoader):
             drop_last=cfg.drop_last,
             persistent_workers=opts.persistent_workers,
             prefetch_factor=opts.prefetch_factor,
+            timeout=opts.timeout,
+            worker_init_fn=quiet_hand_over,
             # Workers share the main process's numpy/torch seeds only through this generator.
             generator=torch.Generator().manual_seed(cfg.seed),
-        )
+        ), self.name)
 
     def describe(self) -> dict:
         d = super().describe()
@@ -183,7 +284,7 @@ class TorchLoader(BaseLoader):
 
     def _batches(self):
         for images, labels, bad in self._loader:
-            self._skip_or_raise(bad)
+            self._skip_or_raise(bad, batch_empty=images is None)
             if images is not None:
                 yield images, labels
 
@@ -191,11 +292,7 @@ class TorchLoader(BaseLoader):
         return self._feed(self._batches())
 
     def close(self) -> None:
-        # Persistent workers live as long as the DataLoader's iterator; drop it to stop them.
-        it = getattr(self._loader, "_iterator", None)
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
-        self._loader._iterator = None
+        self._loader.close()
 
 
 class DeviceFeed:

@@ -36,8 +36,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from .contract import BaseLoader, LoaderConfig, LoaderError, cache_dir, num_batches, scan_imagefolder, shard_sizes
-from .pytorch import BadSample, DeviceFeed, augment, collate_checked, transform_for
+from .contract import (BaseLoader, LoaderConfig, LoaderError, cache_dir, num_batches, scan_imagefolder, shard_sizes,
+                       temp_sibling, write_failed)
+from .pytorch import (BadSample, DeviceFeed, WorkerEpochs, augment, check_timeout, collate_checked, quiet_hand_over,
+                      transform_for)
 
 MANIFEST = "manifest.json"
 KIND = "loaderbench webdataset shards"
@@ -63,6 +65,7 @@ class Options:
     non_blocking: bool | None = None  # None: follow pin_memory
     prefetch_factor: int | None = None
     device_normalize: bool = False  # uint8 batches, normalised on the device
+    timeout: float = 0  # seconds to wait for one batch from the workers; 0 waits forever
     shuffle_buffer: int = 1000  # samples per worker in webdataset's shuffle buffer (training)
     # storage choices when data is an ImageFolder split converted on first use
     shard_samples: int | None = None
@@ -157,7 +160,7 @@ def convert_shards(split: Path | str, out: Path | str, sharding: Sharding = Shar
     total = sum(os.path.getsize(p) for p in index.paths)
     bounds = shard_bounds(n, sharding, total)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = temp_sibling(out)
     start = time.perf_counter()
     tasks = ((str(index.paths[i]), sharding.max_resolution, sharding.jpeg_quality) for i in order)
     shards, reencoded, image_bytes = [], 0, 0
@@ -205,8 +208,10 @@ def convert_shards(split: Path | str, out: Path | str, sharding: Sharding = Shar
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         os.rename(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise write_failed(exc, out) from exc
         raise
     if progress:
         size = sum(s["bytes"] for s in shards)
@@ -417,6 +422,7 @@ def build(cfg: LoaderConfig, opts: Options) -> "WdsLoader":
         raise LoaderError(f"prefetch_factor must be >= 1, got {opts.prefetch_factor}")
     if opts.shuffle_buffer < 0:
         raise LoaderError(f"shuffle_buffer must be >= 0, got {opts.shuffle_buffer}")
+    check_timeout(opts)
     sharding = _sharding(opts)
     check_sharding(sharding)
     if cfg.data is None:
@@ -446,8 +452,10 @@ class WdsLoader(BaseLoader):
         self._feed = DeviceFeed(cfg, opts.device_normalize,
                                 opts.pin_memory if opts.non_blocking is None else opts.non_blocking)
         self._stream = _ShardStream(self)
-        self._loader = DataLoader(self._stream, batch_size=None, num_workers=opts.num_workers,
-                                  pin_memory=opts.pin_memory and self._cuda, prefetch_factor=opts.prefetch_factor)
+        self._loader = WorkerEpochs(DataLoader(self._stream, batch_size=None, num_workers=opts.num_workers,
+                                               pin_memory=opts.pin_memory and self._cuda,
+                                               prefetch_factor=opts.prefetch_factor, timeout=opts.timeout,
+                                               worker_init_fn=quiet_hand_over), self.name)
 
     def describe(self) -> dict:
         d = super().describe()
@@ -470,7 +478,7 @@ class WdsLoader(BaseLoader):
                 raise LoaderError(item.message)
             images, labels, bad = item
             got += 1
-            self._skip_or_raise(bad)
+            self._skip_or_raise(bad, batch_empty=images is None)
             if images is not None:
                 yield images, labels
         if got != expected:  # cannot happen unless the plan is wrong: never let ranks disagree silently
@@ -478,3 +486,6 @@ class WdsLoader(BaseLoader):
 
     def __iter__(self):
         return self._feed(self._batches())
+
+    def close(self) -> None:
+        self._loader.close()

@@ -30,6 +30,11 @@ CASES = [
     for opts in VARIANTS.get(name, [{}])
 ]
 ALL = available_backends()
+# Exact-once under load (two ranks, three epochs): also persistent workers prefetching deep, where
+# an epoch's order must still come from set_epoch and not from the workers' copies.
+LOADED = CASES + ([pytest.param("torch", dict(num_workers=2, persistent_workers=True, prefetch_factor=4),
+                                id="torch-persistent-prefetch4")] if "torch" in ALL else [])
+EPOCHS_TWO_RANKS = 3
 
 
 def collect(loader, epoch=0):
@@ -115,7 +120,7 @@ def _rank_worker(rank, world, port, name, opts, root, out):
         for split, train in (("train", True), ("val", False)):
             loader = build_loader(name, root / split, batch_size=3, train=train, image_size=16, device="cpu", **opts)
             record[split] = {"len": len(loader), "padding": loader.padding, "epochs": []}
-            for epoch in range(2):
+            for epoch in range(EPOCHS_TWO_RANKS):
                 ids, _, batches = collect(loader, epoch)
                 record[split]["epochs"].append({"ids": ids, "batches": batches})
             loader.close()
@@ -124,7 +129,7 @@ def _rank_worker(rank, world, port, name, opts, root, out):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("name,opts", CASES)
+@pytest.mark.parametrize("name,opts", LOADED)
 def test_exact_once_two_ranks(name, opts, probe, tmp_path):
     """Two gloo processes: the ranks' samples together cover each split exactly once per epoch,
     plus exactly the padding the loader states (training keeps ranks' step counts equal)."""
@@ -133,7 +138,9 @@ def test_exact_once_two_ranks(name, opts, probe, tmp_path):
     for split in ("train", "val"):
         ranks = [rec[split] for rec in records]
         n = len(probe[split])
-        for epoch in range(2):
+        if split == "train":  # reshuffled every epoch, on both ranks alike
+            assert len({tuple(r["epochs"][e]["ids"]) for r in ranks[:1] for e in range(EPOCHS_TWO_RANKS)}) > 1
+        for epoch in range(EPOCHS_TWO_RANKS):
             seen = collections.Counter(i for r in ranks for i in r["epochs"][epoch]["ids"])
             assert set(seen) == set(probe[split]), f"{split} epoch {epoch}: samples missing"
             extra = sum(seen.values()) - n

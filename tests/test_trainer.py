@@ -160,3 +160,37 @@ def test_eval_runs_under_inference_mode_unless_asked(monkeypatch):
         train(Probe(), Batches(separable(4, size=4)), Batches(separable(1, size=4)),
               TrainConfig(epochs=1, warmup_steps=1, eval_inference_mode=mode), CPU, log=lambda *a: None)
     assert seen == [True, False]
+
+
+def _all_reduce_worker(rank, world, port, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        sent, all_reduce = [], dist.all_reduce
+
+        def recording(t, *args, **kwargs):
+            sent.append(t)
+            return all_reduce(t, *args, **kwargs)
+
+        dist.all_reduce = recording
+        held, sums = 0, set()
+        for _ in range(400):
+            sums.add(tuple(trainer.all_reduce_values([1.0, rank], CPU)))
+            held += sent.pop()._use_count() > 1  # a reference gloo's worker thread has not dropped yet
+        (out / f"rank{rank}.txt").write_text(f"{held} {sorted(sums)}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduce_returns_after_gloo_lets_go_of_its_tensor(tmp_path):
+    """gloo's worker drops a finished all-reduce's tensor a moment after the caller wakes up; if
+    the caller has dropped it first, that late release needs the GIL, and at interpreter exit it
+    aborts the rank (SIGABRT after a successful run). all_reduce_values holds on until it is free."""
+    from .conftest import run_ranks
+
+    run_ranks(_all_reduce_worker, 2, tmp_path)
+    for rank in range(2):
+        held, sums = (tmp_path / f"rank{rank}.txt").read_text().split(" ", 1)
+        assert sums == "[(2.0, 1.0)]"  # the reduction itself: 1+1, 0+1
+        assert held == "0", f"rank {rank}: {held} of 400 all-reduces returned while gloo still held the tensor"
