@@ -177,6 +177,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
+VERIFY_MAX_BYTES = 4 << 30  # checksums of more would cost every run minutes; size checks remain
+
+
+def file_sha1(path: Path) -> str:
+    """The checksum conversions record, so that damage a size check cannot see (flipped bytes inside
+    an image record, which decode to garbage without an error) is refused when the data is read."""
+    import hashlib
+
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
 def write_failed(exc: OSError, out: Path) -> LoaderError:
     """A failed conversion write as one line; the partial output has already been removed."""
     import errno

@@ -31,7 +31,9 @@ from .contract import (
     LoaderConfig,
     LoaderError,
     cache_dir,
+    VERIFY_MAX_BYTES,
     decode_problem,
+    file_sha1,
     normalize_uint8,
     scan_imagefolder,
     shard_sizes,
@@ -270,7 +272,7 @@ def convert_beton(split: Path | str, out: Path | str, storage: Storage = Storage
             "classes": list(index.classes),
             "storage": asdict(storage),
             "bytes": tmp.stat().st_size,
-            "sha1": _sha1(tmp),
+            "sha1": file_sha1(tmp),
             "seconds": round(time.perf_counter() - start, 2),
         }
         m_path = Path(str(out) + MANIFEST_SUFFIX)
@@ -299,19 +301,6 @@ def convert_beton(split: Path | str, out: Path | str, storage: Storage = Storage
     return manifest
 
 
-VERIFY_MAX_BYTES = 4 << 30  # checksums of larger files would cost every run minutes; size checks remain
-
-
-def _sha1(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_manifest(beton: Path, verify: bool = True) -> dict:
     """The manifest of a complete, undamaged .beton, or a LoaderError naming what is wrong. FFCV
     decodes a damaged JPEG record into garbage without a word, so the file's checksum, recorded at
@@ -330,7 +319,7 @@ def read_manifest(beton: Path, verify: bool = True) -> dict:
     if size != manifest.get("bytes"):
         raise LoaderError(f"{beton} is damaged: {size} bytes, its manifest says {manifest.get('bytes')}; "
                           "convert again")
-    if verify and "sha1" in manifest and size <= VERIFY_MAX_BYTES and _sha1(beton) != manifest["sha1"]:
+    if verify and "sha1" in manifest and size <= VERIFY_MAX_BYTES and file_sha1(beton) != manifest["sha1"]:
         raise LoaderError(f"{beton} is damaged: its content differs from the checksum recorded when it was "
                           "converted; convert again")
     return manifest

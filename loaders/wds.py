@@ -5,7 +5,7 @@ Shards (``convert_shards``): samples in a seeded random order (so a shard holds 
 balanced (shard sizes differ by at most one sample), the original JPEG bytes as ``<key>.jpg``,
 the class as webdataset's ``<key>.cls`` (ASCII digits) and as ``<key>.lbl`` (int64 little-endian,
 which DALI's ``fn.readers.webdataset`` reads as INT64), the source path as ``<key>.path``. A
-``manifest.json`` (written last) lists every shard with its sample count and byte size; DALI index
+``manifest.json`` (written last) lists every shard with its sample count, byte size and SHA-1; DALI index
 files (``wds2idx``) sit beside the shards when DALI is installed.
 
 Reading: each epoch the shard list is permuted (the same permutation on every rank, from seed and
@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from .contract import (BaseLoader, LoaderConfig, LoaderError, cache_dir, num_batches, scan_imagefolder, shard_sizes,
-                       temp_sibling, write_failed)
+from .contract import (VERIFY_MAX_BYTES, BaseLoader, LoaderConfig, LoaderError, cache_dir, file_sha1, num_batches,
+                       scan_imagefolder, shard_sizes, temp_sibling, write_failed)
 from .pytorch import (BadSample, DeviceFeed, WorkerEpochs, augment, check_timeout, collate_checked, quiet_hand_over,
                       transform_for)
 
@@ -185,7 +185,7 @@ def convert_shards(split: Path | str, out: Path | str, sharding: Sharding = Shar
                         image_bytes += len(data)
                         bar.update()
                 shards.append({"file": name, "samples": int(bounds[j + 1] - bounds[j]),
-                               "bytes": (tmp / name).stat().st_size})
+                               "bytes": (tmp / name).stat().st_size, "sha1": file_sha1(tmp / name)})
         finally:
             bar.close()
             if pool:
@@ -220,8 +220,11 @@ def convert_shards(split: Path | str, out: Path | str, sharding: Sharding = Shar
     return manifest
 
 
-def read_manifest(folder: Path) -> dict:
-    """The manifest of a complete set of shards, or a LoaderError naming what is wrong."""
+def read_manifest(folder: Path, verify: bool = True) -> dict:
+    """The manifest of a complete, undamaged set of shards, or a LoaderError naming what is wrong.
+    A flipped byte inside a JPEG's bytes can still decode (to garbage), so each shard's checksum,
+    recorded at conversion, is checked when the shards total at most VERIFY_MAX_BYTES (about 0.1 s
+    per 100 MB); manifests without checksums get the size checks only."""
     folder = Path(folder)
     m_path = folder / MANIFEST
     if not folder.is_dir():
@@ -242,6 +245,11 @@ def read_manifest(folder: Path) -> dict:
         if size != s["bytes"]:
             raise LoaderError(f"shard {path} is {'truncated' if size < s['bytes'] else 'damaged'}: {size} bytes, "
                               f"its manifest says {s['bytes']}; convert again")
+    if verify and sum(s["bytes"] for s in manifest["shards"]) <= VERIFY_MAX_BYTES:
+        for s in manifest["shards"]:
+            if "sha1" in s and file_sha1(folder / s["file"]) != s["sha1"]:
+                raise LoaderError(f"shard {folder / s['file']} is damaged: its content differs from the checksum "
+                                  "recorded when it was converted; convert again")
     return manifest
 
 
@@ -275,6 +283,7 @@ def resolve_shards(data: Path, sharding: Sharding, progress: bool) -> tuple[Path
     """(shard folder, manifest) for ``data``: a shard folder, or an ImageFolder split to convert."""
     if not is_shard_folder(data) and data.is_dir() and not list(data.glob("*.tar")):
         data = cached_shards(data, sharding, progress=progress)
+        return data, read_manifest(data, verify=False)  # checked (or just written) there
     return data, read_manifest(data)
 
 

@@ -124,14 +124,61 @@ def test_missing_truncated_or_unfinished_shards_are_refused(shards, tmp_path):
         build_loader("wds", data / "val", batch_size=4, device="cpu")
 
 
+def flip_bytes_inside_first_jpeg(shard):
+    """Same size, tar headers intact: 16 bytes flipped in the middle of the first image's JPEG data."""
+    raw = bytearray(shard.read_bytes())
+    with tarfile.open(shard) as tar:
+        jpg = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+    middle = jpg.offset_data + jpg.size // 2
+    for k in range(middle, middle + 16):
+        raw[k] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("backend, opts", [("wds", {}), ("dali", {"reader": "wds", "num_threads": 1})])
+def test_a_shard_damaged_inside_at_the_same_size_is_refused(backend, opts, shards, tmp_path):
+    """Such a JPEG still decodes, to wrong pixels, without a word: only the checksum each shard's
+    manifest entry records at conversion catches it (wds, and DALI reading the same shards)."""
+    if backend not in available_backends():
+        pytest.skip(f"{backend} not installed")
+    data = copy_tree(shards, tmp_path / "c") / "train"
+    build_loader(backend, data, batch_size=4, device="cpu", **opts).close()  # intact: accepted
+    flip_bytes_inside_first_jpeg(data / "shard-000002.tar")
+    with pytest.raises(LoaderError, match=r"shard .*shard-000002.tar is damaged: its content differs from the "
+                                          r"checksum recorded when it was converted"):
+        build_loader(backend, data, batch_size=4, device="cpu", **opts)
+    m = json.loads((data / "manifest.json").read_text())
+    for entry in m["shards"]:
+        del entry["sha1"]  # as a manifest without checksums: the size checks alone pass it
+    (data / "manifest.json").write_text(json.dumps(m))
+    loader = build_loader(backend, data, batch_size=4, device="cpu", image_size=16, **opts)
+    assert sum(len(y) for _, y in loader) == m["samples"]  # the damage is silent without the checksum
+    loader.close()
+
+
+def test_a_damaged_cached_conversion_is_converted_again(probe, tmp_cache):
+    from loaders.wds import read_manifest
+
+    build_loader("wds", probe["root"] / "train", batch_size=4, device="cpu").close()  # converts into the cache
+    (folder,) = [m.parent for m in tmp_cache.rglob("manifest.json")]
+    flip_bytes_inside_first_jpeg(sorted(folder.glob("*.tar"))[0])
+    with pytest.raises(LoaderError, match="is damaged"):
+        read_manifest(folder)
+    loader = build_loader("wds", probe["root"] / "train", batch_size=4, device="cpu", image_size=16)
+    assert sorted(i for images, _ in loader for i in decode_ids(images)) == sorted(probe["train"])
+    read_manifest(folder)  # whole again
+
+
 def test_a_shard_damaged_inside_fails_naming_it(shards, tmp_path):
-    """Damage the size check cannot see (the manifest updated to match): the read names the shard."""
+    """Damage the checks at build cannot see (the manifest updated to match, no checksum, as from a
+    foreign or hand-edited manifest): the read names the shard."""
     data = copy_tree(shards, tmp_path / "c")
     shard = data / "train" / "shard-000003.tar"
     raw = shard.read_bytes()
     shard.write_bytes(raw[:700])  # inside the first member's data
     m = json.loads((data / "train" / "manifest.json").read_text())
     m["shards"][3]["bytes"] = 700
+    del m["shards"][3]["sha1"]
     (data / "train" / "manifest.json").write_text(json.dumps(m))
     for workers in (0, 2):
         loader = build_loader("wds", data / "train", batch_size=4, device="cpu", image_size=16, num_workers=workers)
