@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-from loaders.contract import LoaderError, scan_imagefolder, temp_sibling, write_failed
+from loaders.contract import LoaderError, scan_imagefolder, temp_output
 
 SPLITS = ("train", "val")
 FOLDER_MANIFEST = "storage.json"
@@ -90,16 +89,15 @@ def to_folder(root: Path, out: Path, max_resolution: int, quality: int, workers:
         raise LoaderError("--max-resolution must be >= 8 and --jpeg-quality within 1..100")
     if out.exists():
         raise LoaderError(f"--out {out} exists; choose a new folder")
-    tmp = temp_sibling(out)
-    tasks = []
-    for split in splits_of(root):
-        index = scan_imagefolder(root / split)
-        for path in index.paths:
-            rel = Path(str(path)).relative_to(root)
-            (tmp / rel.parent).mkdir(parents=True, exist_ok=True)
-            tasks.append((str(path), str((tmp / rel).with_suffix(".jpg")), max_resolution, quality))
-    start = time.perf_counter()
-    try:
+    with temp_output(out) as tmp:
+        tasks = []
+        for split in splits_of(root):
+            index = scan_imagefolder(root / split)
+            for path in index.paths:
+                rel = Path(str(path)).relative_to(root)
+                (tmp / rel.parent).mkdir(parents=True, exist_ok=True)
+                tasks.append((str(path), str((tmp / rel).with_suffix(".jpg")), max_resolution, quality))
+        start = time.perf_counter()
         with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
             stats = list(tqdm(pool.map(_resize_one, tasks, chunksize=16), total=len(tasks),
                               desc=f"resizing to {max_resolution} px", unit="img"))
@@ -110,9 +108,4 @@ def to_folder(root: Path, out: Path, max_resolution: int, quality: int, workers:
                     "mean_height": sum(s[2] for s in stats) / n, "seconds": round(time.perf_counter() - start, 2)}
         (tmp / FOLDER_MANIFEST).write_text(json.dumps(manifest, indent=1))
         os.rename(tmp, out)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise write_failed(exc, out) from exc
-        raise
     return manifest

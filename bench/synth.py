@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from loaders.contract import temp_sibling, write_failed
+from loaders.contract import LoaderError, temp_output
 
 MANIFEST = "synth.json"
 SPLITS = ("train", "val")
@@ -139,44 +139,40 @@ def generate(out: Path | str, spec: SynthSpec = SynthSpec(), workers: int | None
     if spec.width < 32 or spec.height < 32 or not 1 <= spec.quality <= 100:
         raise SynthError("width/height must be >= 32 and quality within 1..100")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tasks = []
-    for split in SPLITS:
-        per_class = spec.train_per_class if split == "train" else spec.val_per_class
-        for cls in range(spec.classes):
-            (tmp / split / f"c{cls:03d}").mkdir(parents=True)
-            tasks += [(spec, str(tmp), split, cls, i) for i in range(per_class)]
-    start = time.perf_counter()
     try:
-        with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-            stats = list(
-                tqdm(pool.map(_write_one, tasks, chunksize=16), total=len(tasks), desc=f"generating {out.name}",
-                     unit="img", disable=not progress)
-            )
-        sizes, widths, heights = (np.array(col) for col in zip(*stats))
-        manifest = {
-            "kind": "loaderbench generated ImageFolder",
-            "spec": asdict(spec),
-            "images": {split: spec.count(split) for split in SPLITS},
-            "mean_bytes": float(sizes.mean()),
-            "mean_width": float(widths.mean()),
-            "mean_height": float(heights.mean()),
-            "total_bytes": int(sizes.sum()),
-            "seconds": round(time.perf_counter() - start, 2),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if not is_complete(out, spec):  # not another process finishing the same set first
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise SynthError(str(write_failed(exc, out))) from exc
-        raise
+        with temp_output(out) as tmp:
+            tasks = []
+            for split in SPLITS:
+                per_class = spec.train_per_class if split == "train" else spec.val_per_class
+                for cls in range(spec.classes):
+                    (tmp / split / f"c{cls:03d}").mkdir(parents=True)
+                    tasks += [(spec, str(tmp), split, cls, i) for i in range(per_class)]
+            start = time.perf_counter()
+            with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+                stats = list(
+                    tqdm(pool.map(_write_one, tasks, chunksize=16), total=len(tasks), desc=f"generating {out.name}",
+                         unit="img", disable=not progress)
+                )
+            sizes, widths, heights = (np.array(col) for col in zip(*stats))
+            manifest = {
+                "kind": "loaderbench generated ImageFolder",
+                "spec": asdict(spec),
+                "images": {split: spec.count(split) for split in SPLITS},
+                "mean_bytes": float(sizes.mean()),
+                "mean_width": float(widths.mean()),
+                "mean_height": float(heights.mean()),
+                "total_bytes": int(sizes.sum()),
+                "seconds": round(time.perf_counter() - start, 2),
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                if not is_complete(out, spec):  # not another process finishing the same set first
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+    except LoaderError as exc:  # a full disk, in one line naming ``out``
+        raise SynthError(str(exc)) from exc
     return manifest
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,15 +158,33 @@ def temp_sibling(out: Path) -> Path:
     """The hidden sibling ``out`` is written under before its atomic rename, named by this process.
     Leftovers of writers that are gone (killed mid-write) are removed first, so a re-run restarts
     cleanly instead of accumulating partial copies."""
-    import shutil
-
     out = Path(out)
     if out.parent.is_dir():
         for old in out.parent.glob(f".{out.name}.tmp-*"):
             pid = old.name.rsplit("-", 1)[-1]
             if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+                _remove(old)
     return out.with_name(f".{out.name}.tmp-{os.getpid()}")
+
+
+@contextmanager
+def temp_output(out: Path):
+    """Yield the temporary sibling to write ``out`` under; the caller renames it into place when
+    complete. On any failure it is removed, file or folder, and an OSError (a full disk) becomes one
+    line naming ``out``: an interrupted or failed writer leaves nothing that looks complete."""
+    tmp = temp_sibling(out)
+    _remove(tmp)  # a dead writer's, if this process's pid was once its pid
+    try:
+        yield tmp
+    except BaseException as exc:
+        _remove(tmp)
+        if isinstance(exc, OSError):
+            raise write_failed(exc, Path(out)) from exc
+        raise
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

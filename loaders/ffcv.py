@@ -30,15 +30,14 @@ from .contract import (
     BaseLoader,
     LoaderConfig,
     LoaderError,
-    cache_dir,
     VERIFY_MAX_BYTES,
+    cache_dir,
     decode_problem,
     file_sha1,
     normalize_uint8,
     scan_imagefolder,
     shard_sizes,
-    temp_sibling,
-    write_failed,
+    temp_output,
 )
 
 ORDERS = ("random", "quasi_random")
@@ -257,14 +256,24 @@ def convert_beton(split: Path | str, out: Path | str, storage: Storage = Storage
     workers = workers or os.cpu_count() or 1
     _validate_images(index.paths, workers)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(out)
+    m_path = Path(str(out) + MANIFEST_SUFFIX)
     start = time.perf_counter()
-    writer = m_tmp = None  # what the failure path below must clean up, once created
-    try:
-        field = RGBImageField(write_mode=storage.write_mode, max_resolution=storage.max_resolution,
-                              jpeg_quality=storage.jpeg_quality, compress_probability=storage.compress_probability)
-        writer = DatasetWriter(str(tmp), {"image": field, "label": IntField()}, num_workers=workers)
-        writer.from_indexed_dataset(_Images(index.paths, index.labels), chunksize=32)
+    with temp_output(out) as tmp:
+        writer = None
+        try:
+            field = RGBImageField(write_mode=storage.write_mode, max_resolution=storage.max_resolution,
+                                  jpeg_quality=storage.jpeg_quality, compress_probability=storage.compress_probability)
+            writer = DatasetWriter(str(tmp), {"image": field, "label": IntField()}, num_workers=workers)
+            writer.from_indexed_dataset(_Images(index.paths, index.labels), chunksize=32)
+        except BaseException:
+            sm = getattr(writer, "metadata_sm", None)
+            if sm is not None:  # FFCV's shared memory, freed only on success
+                sm.close()
+                try:
+                    sm.unlink()
+                except FileNotFoundError:
+                    pass
+            raise
         manifest = {
             "kind": "loaderbench ffcv beton",
             "source": str(split.resolve()),
@@ -275,26 +284,11 @@ def convert_beton(split: Path | str, out: Path | str, storage: Storage = Storage
             "sha1": file_sha1(tmp),
             "seconds": round(time.perf_counter() - start, 2),
         }
-        m_path = Path(str(out) + MANIFEST_SUFFIX)
-        m_tmp = temp_sibling(m_path)
-        m_tmp.write_text(json.dumps(manifest, indent=1))
-        # The manifest last: killed between the two, the .beton has none and loaders refuse it.
-        os.replace(tmp, out)
-        os.replace(m_tmp, m_path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        sm = getattr(writer, "metadata_sm", None)
-        if sm is not None:  # FFCV's shared memory, freed only on success
-            sm.close()
-            try:
-                sm.unlink()
-            except FileNotFoundError:
-                pass
-        if m_tmp is not None:
-            m_tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise write_failed(exc, out) from exc
-        raise
+        with temp_output(m_path) as m_tmp:
+            m_tmp.write_text(json.dumps(manifest, indent=1))
+            # The manifest last: killed between the two, the .beton has none and loaders refuse it.
+            os.replace(tmp, out)
+            os.replace(m_tmp, m_path)
     if progress:
         print(f"ffcv: wrote {out} ({manifest['bytes'] / 1e6:.1f} MB, {len(index)} samples) in "
               f"{manifest['seconds']:.1f} s")

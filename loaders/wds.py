@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from .contract import (VERIFY_MAX_BYTES, BaseLoader, LoaderConfig, LoaderError, cache_dir, file_sha1, num_batches,
-                       scan_imagefolder, shard_sizes, temp_sibling, write_failed)
+                       scan_imagefolder, shard_sizes, temp_output)
 from .pytorch import (BadSample, DeviceFeed, WorkerEpochs, augment, check_timeout, collate_checked, quiet_hand_over,
                       transform_for)
 
@@ -160,11 +160,10 @@ def convert_shards(split: Path | str, out: Path | str, sharding: Sharding = Shar
     total = sum(os.path.getsize(p) for p in index.paths)
     bounds = shard_bounds(n, sharding, total)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(out)
     start = time.perf_counter()
     tasks = ((str(index.paths[i]), sharding.max_resolution, sharding.jpeg_quality) for i in order)
     shards, reencoded, image_bytes = [], 0, 0
-    try:
+    with temp_output(out) as tmp:
         tmp.mkdir()
         reencode = sharding.max_resolution is not None
         pool = ProcessPoolExecutor(max_workers=workers or os.cpu_count()) if reencode else None
@@ -208,11 +207,6 @@ def convert_shards(split: Path | str, out: Path | str, sharding: Sharding = Shar
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         os.rename(tmp, out)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise write_failed(exc, out) from exc
-        raise
     if progress:
         size = sum(s["bytes"] for s in shards)
         print(f"wds: wrote {out} ({len(shards)} shards, {size / 1e6:.1f} MB, {n} samples) in "
