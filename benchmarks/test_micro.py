@@ -20,7 +20,7 @@ from loaders import backends, build_loader
 
 @pytest.fixture(scope="session")
 def data(tmp_path_factory):
-    from bench.synth import SynthSpec, generate
+    from bench.data.synth import SynthSpec, generate
 
     out = tmp_path_factory.mktemp("micro") / "set"
     generate(out, SynthSpec(classes=4, train_per_class=48, val_per_class=8), progress=False)  # default-size images

@@ -7,7 +7,9 @@
         for images, labels in train:  # on the device, normalised, labels int64 [N]
             ...
 """
+from .backend import Backend
 from .contract import MEAN, STD, BadSampleError, LoaderConfig, LoaderError
-from .registry import Backend, backends, build_loader
+from .registry import backends, build_loader, get_backend, register
 
-__all__ = ["MEAN", "STD", "Backend", "BadSampleError", "LoaderConfig", "LoaderError", "backends", "build_loader"]
+__all__ = ["MEAN", "STD", "Backend", "BadSampleError", "LoaderConfig", "LoaderError", "backends", "build_loader",
+           "get_backend", "register"]

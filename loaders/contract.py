@@ -7,10 +7,9 @@ int64 ``[N]``. ``len()`` is batches per epoch for this rank; ``set_epoch()`` res
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,103 +153,6 @@ def scan_imagefolder(root: Path | str) -> FolderIndex:
     )
 
 
-def temp_sibling(out: Path) -> Path:
-    """The hidden sibling ``out`` is written under before its atomic rename, named by this process.
-    Leftovers of writers that are gone (killed mid-write) are removed first, so a re-run restarts
-    cleanly instead of accumulating partial copies."""
-    out = Path(out)
-    if out.parent.is_dir():
-        for old in out.parent.glob(f".{out.name}.tmp-*"):
-            pid = old.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _alive(int(pid)):
-                _remove(old)
-    return out.with_name(f".{out.name}.tmp-{os.getpid()}")
-
-
-@contextmanager
-def temp_output(out: Path):
-    """Yield the temporary sibling to write ``out`` under; the caller renames it into place when
-    complete. On any failure it is removed, file or folder, and an OSError (a full disk) becomes one
-    line naming ``out``: an interrupted or failed writer leaves nothing that looks complete."""
-    tmp = temp_sibling(out)
-    _remove(tmp)  # a dead writer's, if this process's pid was once its pid
-    try:
-        yield tmp
-    except BaseException as exc:
-        _remove(tmp)
-        if isinstance(exc, OSError):
-            raise write_failed(exc, Path(out)) from exc
-        raise
-
-
-def _remove(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-VERIFY_MAX_BYTES = 4 << 30  # checksums of more would cost every run minutes; size checks remain
-
-
-def file_sha1(path: Path) -> str:
-    """The checksum conversions record, so that damage a size check cannot see (flipped bytes inside
-    an image record, which decode to garbage without an error) is refused when the data is read."""
-    import hashlib
-
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_failed(exc: OSError, out: Path) -> LoaderError:
-    """A failed conversion write as one line; the partial output has already been removed."""
-    import errno
-
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return LoaderError(f"out of space writing {out} ({exc.filename or out.parent}); the partial output was "
-                           "removed: free some space or write elsewhere")
-    return LoaderError(f"cannot write {out}: {exc.strerror or exc}; the partial output was removed")
-
-
-def decode_problem(path: str) -> str | None:
-    """Why ``path`` cannot be decoded as an RGB image, or None if it can (a full decode: truncated
-    JPEGs only show there). For backends whose decoder fails without naming the file."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.convert("RGB")
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad files
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
-def cache_dir(kind: str, split: Path, settings: dict) -> Path:
-    """Where a backend keeps its conversion of an ImageFolder split under these settings: keyed by
-    the split's path and every file's name, size and mtime, so a changed, added or removed file
-    (or other settings) gives a new conversion."""
-    import hashlib
-    import json
-
-    index = scan_imagefolder(split)
-    h = hashlib.sha1(json.dumps([str(Path(split).resolve()), settings]).encode())
-    for p in index.paths:
-        st = os.stat(p)
-        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    root = Path(os.environ.get("LOADERBENCH_CACHE", Path.home() / ".cache" / "loaderbench"))
-    return root / f"{kind}-{h.hexdigest()[:12]}"
-
-
 # --- Sharding --------------------------------------------------------------------------------
 
 
@@ -284,18 +186,15 @@ def num_batches(num_samples: int, batch_size: int, drop_last: bool) -> int:
     return num_samples // batch_size if drop_last else math.ceil(num_samples / batch_size)
 
 
-# --- Normalisation on the device -------------------------------------------------------------
-
-
-def normalize_uint8(images: torch.Tensor, cfg: LoaderConfig) -> torch.Tensor:
-    """uint8 NCHW -> normalised ``cfg.dtype``, in ``cfg.memory_format``, on the images' device.
-
-    Arithmetic runs in fp32 and is cast once, so bf16/fp16 outputs round only once.
-    """
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    inv_std = 1.0 / (torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255)
-    out = images.float().sub_(mean).mul_(inv_std)
-    return out.to(dtype=cfg.dtype, memory_format=cfg.memory_format)
+def rank_share(n: int, cfg: "LoaderConfig", where) -> tuple[int, int]:
+    """(samples this rank yields per epoch, padded samples in all) for the strided split of
+    ``shard_indices``; ``where`` names the data in the error for too few samples."""
+    if n < cfg.world_size:
+        raise LoaderError(f"{n} samples in {where} cannot be split over {cfg.world_size} ranks")
+    per_rank, padding = shard_sizes(n, cfg.world_size, pad=cfg.train)
+    if not cfg.train:  # exact split: the first n % world_size ranks get one more sample
+        per_rank = len(range(cfg.rank, n, cfg.world_size))
+    return per_rank, padding
 
 
 class BaseLoader:
@@ -329,13 +228,17 @@ class BaseLoader:
 
     def describe(self) -> dict:
         """What a result records about where and how the data was read."""
-        return {
+        d = {
             "backend": self.name,
             "num_samples_per_rank": self.num_samples,
             "padding": self.padding,
             "batches_per_epoch": len(self),
             "num_classes": len(self.classes),
         }
+        options = getattr(self, "options", None)
+        if dataclasses.is_dataclass(options):
+            d["options"] = dataclasses.asdict(options)
+        return d
 
     def _skip_or_raise(self, bad: list[tuple[str, str]], batch_empty: bool = False) -> None:
         for path, reason in bad:
@@ -348,19 +251,3 @@ class BaseLoader:
                 f"every sample of a batch on rank {self.config.rank} was bad ({', '.join(p for p, _ in bad[:3])}"
                 f"{' ...' if len(bad) > 3 else ''}); skipping it would leave the ranks a step apart. Remove the "
                 "bad files or use a larger batch size")
-
-
-def worker_failed(exc: RuntimeError, backend: str) -> LoaderError | None:
-    """DataLoader's own report of a dead worker ("DataLoader worker (pid N) exited unexpectedly" or
-    "is killed by signal") or of its ``timeout`` expiring, as a LoaderError that says what usually
-    causes it; None for other errors."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if first.startswith("DataLoader timed out after"):
-        seconds = first.split("after", 1)[1].split("seconds")[0].strip()
-        return LoaderError(f"{backend} loader: no batch from the workers within timeout={seconds} s: a worker is "
-                           "stuck (a hung network mount, a deadlock) or one batch takes longer than that "
-                           "(raise -o timeout=...)")
-    if "DataLoader worker" not in first:
-        return None
-    return LoaderError(f"{backend} loader: {first.rstrip('. ')}. A worker killed by a signal is usually the "
-                       "kernel's OOM killer (see `dmesg`): fewer num_workers or a smaller batch needs less memory")

@@ -26,18 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .contract import (
-    MEAN,
-    STD,
-    BaseLoader,
-    FolderIndex,
-    LoaderConfig,
-    LoaderError,
-    decode_problem,
-    scan_imagefolder,
-    shard_indices,
-    shard_sizes,
-)
+from .backend import Backend
+from .contract import (MEAN, STD, BaseLoader, FolderIndex, LoaderConfig, LoaderError, rank_share, scan_imagefolder,
+                       shard_indices, shard_sizes)
+from .pil import decode_problem
+from . import shards
 
 DECODES = ("auto", "gpu", "cpu")
 READERS = ("file", "wds")
@@ -52,29 +45,50 @@ class Options:
     reader: str = "file"  # file: the ImageFolder's JPEGs | wds: the wds backend's tar shards (fn.readers.webdataset)
 
 
-def build(cfg: LoaderConfig, opts: Options) -> "DaliLoader":
-    if opts.decode not in DECODES:
-        raise LoaderError(f"dali option decode must be one of {', '.join(DECODES)}, got {opts.decode!r}")
-    cuda = cfg.device.type == "cuda"
-    if opts.decode == "gpu" and not cuda:
-        raise LoaderError("dali decode='gpu' needs a CUDA device; this run's device is "
-                          f"{cfg.device} (use decode='cpu' or 'auto')")
-    if opts.num_threads is not None and opts.num_threads < 1:
-        raise LoaderError(f"dali num_threads must be >= 1, got {opts.num_threads}")
-    if not 0.0 <= opts.hw_decoder_load <= 1.0:
-        raise LoaderError(f"dali hw_decoder_load must be within 0..1, got {opts.hw_decoder_load}")
-    if opts.prefetch_queue_depth < 1:
-        raise LoaderError(f"dali prefetch_queue_depth must be >= 1, got {opts.prefetch_queue_depth}")
-    if opts.reader not in READERS:
-        raise LoaderError(f"dali option reader must be one of {', '.join(READERS)}, got {opts.reader!r}")
-    if cfg.data is None:
-        raise LoaderError("the dali backend needs data= (an ImageFolder split folder)")
-    if opts.reader == "wds":
-        return _build_wds(cfg, opts)
-    index = scan_imagefolder(cfg.data)
-    if len(index) < cfg.world_size:
-        raise LoaderError(f"{len(index)} samples in {cfg.data} cannot be split over {cfg.world_size} ranks")
-    return DaliLoader(cfg, opts, index)
+class DaliBackend(Backend):
+    name = "dali"
+    summary = "NVIDIA DALI: nvJPEG decode + GPU augmentation (CPU pipeline without CUDA)"
+    Options = Options
+    requires = ("nvidia.dali",)
+    knobs = {"workers": "num_threads", "prefetch": "prefetch_queue_depth"}
+    min_workers = 1
+    prefetch_values = (1, 2, 3, 4)
+
+    def build(self, cfg: LoaderConfig, opts: Options) -> "DaliLoader":
+        if opts.decode not in DECODES:
+            raise LoaderError(f"dali option decode must be one of {', '.join(DECODES)}, got {opts.decode!r}")
+        if opts.decode == "gpu" and cfg.device.type != "cuda":
+            raise LoaderError("dali decode='gpu' needs a CUDA device; this run's device is "
+                              f"{cfg.device} (use decode='cpu' or 'auto')")
+        if opts.num_threads is not None and opts.num_threads < 1:
+            raise LoaderError(f"dali num_threads must be >= 1, got {opts.num_threads}")
+        if not 0.0 <= opts.hw_decoder_load <= 1.0:
+            raise LoaderError(f"dali hw_decoder_load must be within 0..1, got {opts.hw_decoder_load}")
+        if opts.prefetch_queue_depth < 1:
+            raise LoaderError(f"dali prefetch_queue_depth must be >= 1, got {opts.prefetch_queue_depth}")
+        if opts.reader not in READERS:
+            raise LoaderError(f"dali option reader must be one of {', '.join(READERS)}, got {opts.reader!r}")
+        if cfg.data is None:
+            raise LoaderError("the dali backend needs data= (an ImageFolder split folder)")
+        if opts.reader == "wds":
+            return _build_wds(cfg, opts)
+        return DaliLoader(cfg, opts, scan_imagefolder(cfg.data))
+
+    def prepare(self, split: Path, opts: Options) -> None:
+        """With reader='wds' over an ImageFolder split: convert it once, before several ranks start."""
+        if opts.reader == "wds" and not shards.is_shard_folder(Path(split)):
+            shards.resolve_shards(Path(split), shards.Sharding(), progress=True)
+
+    def locate(self, root: Path, split: str, opts) -> Path | None:
+        shard_split = opts.reader == "wds" and shards.is_shard_folder(root / split)
+        return root / split if shard_split else None
+
+    def holds(self, root: Path) -> bool:
+        return shards.is_shard_folder(root / "train")
+
+    def storage_stats(self, path: Path) -> dict | None:
+        is_shards = shards.is_shard_folder(path)
+        return shards.storage_stats(shards.read_manifest(path, verify=False)) if is_shards else None
 
 
 def _pipeline(cfg: LoaderConfig, opts: Options, reader: dict, seed: int, gpu_decode: bool):
@@ -126,11 +140,7 @@ class DaliLoader(BaseLoader):
     name = "dali"
 
     def __init__(self, cfg: LoaderConfig, opts: Options, index: FolderIndex):
-        n = len(index)
-        per_rank, padding = shard_sizes(n, cfg.world_size, pad=cfg.train)
-        if not cfg.train:
-            per_rank = len(range(cfg.rank, n, cfg.world_size))
-        super().__init__(cfg, per_rank, padding, index.classes)
+        super().__init__(cfg, *rank_share(len(index), cfg, cfg.data), index.classes)
         self.options = opts
         self.index = index
         self.gpu_decode = cfg.device.type == "cuda" and opts.decode in ("auto", "gpu")
@@ -142,7 +152,6 @@ class DaliLoader(BaseLoader):
         d.update(
             decode="gpu (nvJPEG, DALI mixed)" if self.gpu_decode else "cpu (DALI, libjpeg-turbo)",
             normalize="gpu (DALI)" if cuda else "cpu (DALI)",
-            options={k: getattr(self.options, k) for k in self.options.__dataclass_fields__},
         )
         return d
 
@@ -164,45 +173,52 @@ class DaliLoader(BaseLoader):
                                    auto_reset=False, prepare_first_batch=False)
 
     def __iter__(self):
-        cfg = self.config
-        order = epoch_order = self._order()
         self._bad: set[str] = set()
-        pos, restarts = 0, 0  # samples of ``order`` already yielded
-        it = self._start(order, restarts)
+        self._epoch_order = self._left = self._order()
+        self._restarts = 0
+        return self._run(self._start(self._left, 0), self._recover)
+
+    def _run(self, it, recover):
+        """DALI's batches in the contract's form. A pipeline error goes to ``recover(exc, pos)``, with
+        the samples yielded since ``it`` started; it raises, or returns the iterator to go on with
+        (None: the epoch is over)."""
+        pos = 0
         try:
-            while True:
+            while it is not None:
                 try:
                     out = next(it)[0]
                 except StopIteration:
                     return
                 except RuntimeError as exc:
-                    # The failing batch is at most prefetch_queue_depth + 1 batches ahead of pos.
-                    window = order[pos: pos + (self.options.prefetch_queue_depth + 2) * cfg.batch_size]
-                    paths = sorted({str(p) for p in self.index.paths[window]})
-                    bad = [(p, why) for p, why in zip(paths, map(decode_problem, paths)) if why]
-                    if not bad:
-                        raise LoaderError(f"DALI pipeline failed reading {cfg.data}: {str(exc).splitlines()[0]}") from exc
-                    self._skip_or_raise(bad)  # raises under 'stop'
-                    bad_paths = {p for p, _ in bad}
-                    self._bad |= bad_paths
-                    rest = order[pos:]
-                    order = rest[[str(self.index.paths[i]) not in bad_paths for i in rest]]
-                    if cfg.train and cfg.world_size > 1 and len(order) < len(rest):
-                        # Fewer samples could mean fewer batches than the other ranks take (DDP
-                        # would hang): refill with this rank's own good samples, as padding does.
-                        good = epoch_order[[str(self.index.paths[i]) not in self._bad for i in epoch_order]]
-                        if len(good) == 0:
-                            raise LoaderError(f"every sample on rank {cfg.rank} is bad; remove the bad files")
-                        order = np.concatenate([order, np.resize(good, len(rest) - len(order))])
-                    pos, restarts = 0, restarts + 1
-                    if len(order) == 0:
-                        return
-                    it = self._start(order, restarts)
+                    it, pos = recover(exc, pos), 0
                     continue
                 pos += out["labels"].shape[0]
                 yield self._contract(out["images"], out["labels"])
         finally:
             self.close()
+
+    def _recover(self, exc: RuntimeError, pos: int):
+        """Find the bad files around the failing batch (at most prefetch_queue_depth + 1 batches ahead
+        of ``pos``) with PIL; name them (stop) or restart the pipeline past them (skip)."""
+        cfg, order, paths_of = self.config, self._left, self.index.paths
+        window = order[pos: pos + (self.options.prefetch_queue_depth + 2) * cfg.batch_size]
+        paths = sorted({str(p) for p in paths_of[window]})
+        bad = [(p, why) for p, why in zip(paths, map(decode_problem, paths)) if why]
+        if not bad:
+            raise LoaderError(f"DALI pipeline failed reading {cfg.data}: {str(exc).splitlines()[0]}") from exc
+        self._skip_or_raise(bad)  # raises under 'stop'
+        self._bad |= {p for p, _ in bad}
+        rest = order[pos:]
+        left = rest[[str(paths_of[i]) not in self._bad for i in rest]]
+        if cfg.train and cfg.world_size > 1 and len(left) < len(rest):
+            # Fewer samples could mean fewer batches than the other ranks take (DDP would hang):
+            # refill with this rank's own good samples, as padding does.
+            good = self._epoch_order[[str(paths_of[i]) not in self._bad for i in self._epoch_order]]
+            if len(good) == 0:
+                raise LoaderError(f"every sample on rank {cfg.rank} is bad; remove the bad files")
+            left = np.concatenate([left, np.resize(good, len(rest) - len(left))])
+        self._left, self._restarts = left, self._restarts + 1
+        return self._start(left, self._restarts) if len(left) else None
 
     def _contract(self, images: torch.Tensor, labels: torch.Tensor):
         cfg = self.config
@@ -221,26 +237,13 @@ class DaliLoader(BaseLoader):
             self._pipe = None
 
 
-def prepare(split: Path, opts: Options) -> None:
-    """With reader='wds' over an ImageFolder split: convert it once, before several ranks start."""
-    if opts.reader == "wds":
-        from . import wds
-
-        if not wds.is_shard_folder(Path(split)):
-            wds.resolve_shards(Path(split), wds.Sharding(), progress=True)
-
-
 def _build_wds(cfg: LoaderConfig, opts: Options) -> "DaliShardLoader":
-    from . import wds
-
     if cfg.on_bad_sample == "skip":
         raise LoaderError("dali reader='wds' cannot skip bad samples (DALI fails a whole batch inside its pipeline "
                           "without naming the sample); use on_bad_sample='stop', or --loader wds, which skips them")
     data = Path(cfg.data)
-    if wds.is_shard_folder(data):
-        manifest = wds.read_manifest(data)
-    else:  # an ImageFolder split: the wds backend's conversion (cached), which needs webdataset to write
-        data, manifest = wds.resolve_shards(data, wds.Sharding(), progress=cfg.rank == 0)
+    # a shard folder, or an ImageFolder split converted (cached) as the wds backend's default does
+    data, manifest = shards.resolve_shards(data, shards.Sharding(), progress=cfg.rank == 0)
     if manifest["samples"] < cfg.world_size:
         raise LoaderError(f"{manifest['samples']} samples in {data} cannot be split over {cfg.world_size} ranks")
     return DaliShardLoader(cfg, opts, data, manifest)
@@ -303,15 +306,8 @@ class DaliShardLoader(DaliLoader):
             it = DALIGenericIterator(self._pipe, ["images", "labels"], size=self.num_samples,
                                      last_batch_policy=policy, last_batch_padded=True, auto_reset=False,
                                      prepare_first_batch=False)
-        try:
-            while True:
-                try:
-                    out = next(it)[0]
-                except StopIteration:
-                    return
-                except RuntimeError as exc:
-                    raise LoaderError(f"DALI failed reading the shards in {self.folder}: {str(exc).splitlines()[0]} "
-                                      "(--loader wds reads the same shards and names a bad sample)") from exc
-                yield self._contract(out["images"], out["labels"])
-        finally:
-            self.close()
+        return self._run(it, self._failed)
+
+    def _failed(self, exc: RuntimeError, pos: int):
+        raise LoaderError(f"DALI failed reading the shards in {self.folder}: {str(exc).splitlines()[0]} "
+                          "(--loader wds reads the same shards and names a bad sample)") from exc

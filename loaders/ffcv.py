@@ -26,23 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .contract import (
-    BaseLoader,
-    LoaderConfig,
-    LoaderError,
-    VERIFY_MAX_BYTES,
-    cache_dir,
-    decode_problem,
-    file_sha1,
-    normalize_uint8,
-    scan_imagefolder,
-    shard_sizes,
-    temp_output,
-)
+from .backend import Backend
+from .contract import BaseLoader, LoaderConfig, LoaderError, rank_share, scan_imagefolder
+from .feed import normalize_uint8
+from .pil import decode_problem, decode_rgb
+from .stored import cache_dir, cached, file_entry, temp_output, verify_files
 
 ORDERS = ("random", "quasi_random")
 WRITE_MODES = ("jpg", "raw", "proportion", "smart")
 MANIFEST_SUFFIX = ".json"  # train.beton -> train.beton.json
+KIND = "loaderbench ffcv beton"
 
 
 @dataclass(frozen=True)
@@ -212,12 +205,9 @@ class _Images:
         return len(self.labels)
 
     def __getitem__(self, i):
-        from PIL import Image
-
         path = str(self.paths[i])
         try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
+            image = decode_rgb(path)
         except Exception as exc:
             raise LoaderError(f"cannot convert {path}: {type(exc).__name__}: {exc}") from None
         return image, int(self.labels[i])
@@ -274,14 +264,15 @@ def convert_beton(split: Path | str, out: Path | str, storage: Storage = Storage
                 except FileNotFoundError:
                     pass
             raise
+        entry = file_entry(tmp)
         manifest = {
-            "kind": "loaderbench ffcv beton",
+            "kind": KIND,
             "source": str(split.resolve()),
             "samples": len(index),
             "classes": list(index.classes),
             "storage": asdict(storage),
-            "bytes": tmp.stat().st_size,
-            "sha1": file_sha1(tmp),
+            "bytes": entry["bytes"],
+            "sha1": entry["sha1"],
             "seconds": round(time.perf_counter() - start, 2),
         }
         with temp_output(m_path) as m_tmp:
@@ -298,7 +289,7 @@ def convert_beton(split: Path | str, out: Path | str, storage: Storage = Storage
 def read_manifest(beton: Path, verify: bool = True) -> dict:
     """The manifest of a complete, undamaged .beton, or a LoaderError naming what is wrong. FFCV
     decodes a damaged JPEG record into garbage without a word, so the file's checksum, recorded at
-    conversion, is checked (up to VERIFY_MAX_BYTES; about 0.1 s per 100 MB)."""
+    conversion, is checked (``verify_files``)."""
     m_path = Path(str(beton) + MANIFEST_SUFFIX)
     if not beton.is_file():
         raise LoaderError(f"ffcv file not found: {beton}")
@@ -307,46 +298,67 @@ def read_manifest(beton: Path, verify: bool = True) -> dict:
                           "convert again with `bench data convert --to ffcv`")
     try:
         manifest = json.loads(m_path.read_text())
-    except ValueError:
+        entry = {"file": beton.name, "bytes": manifest["bytes"], "sha1": manifest.get("sha1")}
+    except (ValueError, KeyError, TypeError):
         raise LoaderError(f"{m_path} is damaged; convert again") from None
-    size = beton.stat().st_size
-    if size != manifest.get("bytes"):
-        raise LoaderError(f"{beton} is damaged: {size} bytes, its manifest says {manifest.get('bytes')}; "
-                          "convert again")
-    if verify and "sha1" in manifest and size <= VERIFY_MAX_BYTES and file_sha1(beton) != manifest["sha1"]:
-        raise LoaderError(f"{beton} is damaged: its content differs from the checksum recorded when it was "
-                          "converted; convert again")
+    verify_files(beton.parent, [{k: v for k, v in entry.items() if v is not None}], "ffcv file", verify)
     return manifest
 
 
 def cached_beton(split: Path, storage: Storage, progress: bool = True) -> Path:
     """The .beton of an ImageFolder split under these storage choices, converted on first use."""
-    out = cache_dir("ffcv", split, asdict(storage)) / f"{split.name}.beton"
-    try:
-        read_manifest(out)
-    except LoaderError:
-        convert_beton(split, out, storage, progress=progress)
-    return out
+    return cached(cache_dir("ffcv", split, asdict(storage)) / f"{split.name}.beton", read_manifest,
+                  lambda out: convert_beton(split, out, storage, progress=progress))
 
 
-def _storage(opts: Options) -> Storage:
+def storage_of(opts: Options) -> Storage:
     return Storage(opts.write_mode, opts.max_resolution, opts.jpeg_quality, opts.compress_probability)
 
 
-def prepare(split: Path, opts: Options) -> None:
-    """Convert an ImageFolder split once, before several ranks start (they then find it cached)."""
-    if Path(split).is_dir():
-        cached_beton(Path(split), _storage(opts))
+class FfcvBackend(Backend):
+    name = "ffcv"
+    summary = "FFCV: .beton files (converted once from the ImageFolder) + FFCV Loader"
+    Options = Options
+    requires = ("ffcv", "numba")
+    knobs = {"workers": "num_workers", "prefetch": "batches_ahead"}
+    min_workers = 1
+    prefetch_values = (1, 2, 3, 5)
+    stored_format = "FFCV .beton files"
+
+    def build(self, cfg: LoaderConfig, opts: Options) -> "FfcvLoader":
+        return _build(cfg, opts)
+
+    def prepare(self, split: Path, opts: Options) -> None:
+        if Path(split).is_dir():
+            cached_beton(Path(split), storage_of(opts))
+
+    def locate(self, root: Path, split: str, opts) -> Path | None:
+        beton = root / f"{split}.beton"
+        return beton if beton.exists() and not (root / split).is_dir() else None
+
+    def holds(self, root: Path) -> bool:
+        return (root / "train.beton").exists() and not (root / "train").is_dir()
+
+    def storage_stats(self, path: Path) -> dict | None:
+        if path.suffix != ".beton":
+            return None  # its manifest is recorded as the loader's storage
+        return {"source": str(path), "mean_width": None, "mean_height": None, "mean_bytes": None,
+                "jpeg_quality": None}
+
+    def convert(self, split: Path, out_root: Path, opts, workers: int | None = None) -> tuple[Path, str]:
+        out = out_root / f"{split.name}.beton"
+        m = convert_beton(split, out, storage_of(opts), workers=workers, progress=False)
+        return out, f"ffcv: wrote {out} ({m['bytes'] / 1e6:.1f} MB, {m['samples']} samples) in {m['seconds']:.1f} s"
 
 
-def build(cfg: LoaderConfig, opts: Options) -> "FfcvLoader":
+def _build(cfg: LoaderConfig, opts: Options) -> "FfcvLoader":
     if opts.order not in ORDERS:
         raise LoaderError(f"ffcv order must be one of {', '.join(ORDERS)}, got {opts.order!r}")
     if opts.num_workers is not None and opts.num_workers < 1:
         raise LoaderError(f"ffcv num_workers must be >= 1, got {opts.num_workers}")
     if opts.batches_ahead < 1:
         raise LoaderError(f"ffcv batches_ahead must be >= 1, got {opts.batches_ahead}")
-    storage = _storage(opts)
+    storage = storage_of(opts)
     check_storage(storage)
     distributed = cfg.train and cfg.world_size > 1
     if distributed:
@@ -367,8 +379,6 @@ def build(cfg: LoaderConfig, opts: Options) -> "FfcvLoader":
     if converted:
         data = cached_beton(data, storage, progress=cfg.rank == 0)  # verified there
     manifest = read_manifest(data, verify=not converted)
-    if manifest["samples"] < cfg.world_size:
-        raise LoaderError(f"{manifest['samples']} samples in {data} cannot be split over {cfg.world_size} ranks")
     return FfcvLoader(cfg, opts, data, manifest, distributed)
 
 
@@ -377,11 +387,7 @@ class FfcvLoader(BaseLoader):
     seeded_augmentation = False
 
     def __init__(self, cfg: LoaderConfig, opts: Options, beton: Path, manifest: dict, distributed: bool):
-        n = manifest["samples"]
-        per_rank, padding = shard_sizes(n, cfg.world_size, pad=cfg.train)
-        if not cfg.train:
-            per_rank = len(range(cfg.rank, n, cfg.world_size))
-        super().__init__(cfg, per_rank, padding, tuple(manifest["classes"]))
+        super().__init__(cfg, *rank_share(manifest["samples"], cfg, beton), tuple(manifest["classes"]))
         self.options, self.beton, self.manifest = opts, beton, manifest
         cores = os.cpu_count() or 1
         self.workers = min(opts.num_workers or cores, cores)
@@ -433,7 +439,6 @@ class FfcvLoader(BaseLoader):
         d.update(
             decode="cpu (FFCV, libjpeg-turbo, numba threads)",
             normalize="gpu (torch)" if cuda else "cpu (torch)",
-            options={k: getattr(self.options, k) for k in self.options.__dataclass_fields__},
             num_workers=self.workers,
             note=self.note,
             beton=str(self.beton),

@@ -1,73 +1,67 @@
-"""The backends, whether each is installed, and ``build_loader``."""
+"""The backends, registered once, and ``build_loader``.
+
+A backend outside this package registers through ``LOADERBENCH_BACKENDS=module:Class[,...]`` (it is
+then known to every `bench` process, the child processes of sweeps and ranks included) or, in one
+process, ``register(cls)``.
+"""
 from __future__ import annotations
 
-import dataclasses
 import importlib
-import importlib.util
-from dataclasses import dataclass
+import os
 from pathlib import Path
 
 import torch
 
+from .backend import Backend
 from .contract import LoaderConfig, LoaderError, default_device, resolve_dtype, resolve_rank, validate
 
+BUILTIN = (
+    "loaders.pytorch:TorchBackend",
+    "loaders.synthetic:SyntheticBackend",
+    "loaders.dali:DaliBackend",
+    "loaders.ffcv:FfcvBackend",
+    "loaders.wds:WdsBackend",
+)
 
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    module: str  # implements Options (a dataclass) and build(cfg, opts)
-    summary: str
-    requires: tuple[str, ...] = ()  # importable modules the backend needs
-    extra: str | None = None  # the pip extra that installs them
-
-    @property
-    def installed(self) -> bool:
-        return all(importlib.util.find_spec(m) is not None for m in self.requires)
+BACKENDS: dict[str, Backend] = {}
 
 
-BACKENDS: dict[str, Backend] = {
-    b.name: b
-    for b in (
-        Backend("torch", "loaders.pytorch", "torchvision ImageFolder + transforms v2 + DataLoader"),
-        Backend("synthetic", "loaders.synthetic", "a batch resident on the device; no I/O (the ceiling)"),
-        Backend("dali", "loaders.dali", "NVIDIA DALI: nvJPEG decode + GPU augmentation (CPU pipeline without CUDA)",
-                requires=("nvidia.dali",), extra="dali"),
-        Backend("ffcv", "loaders.ffcv", "FFCV: .beton files (converted once from the ImageFolder) + FFCV Loader",
-                requires=("ffcv", "numba"), extra="ffcv"),
-        Backend("wds", "loaders.wds", "WebDataset: tar shards (converted once from the ImageFolder) + DataLoader workers",
-                requires=("webdataset",), extra="wds"),
-    )
-}
+def register(cls: type[Backend]) -> Backend:
+    backend = cls()
+    BACKENDS[backend.name] = backend
+    return backend
+
+
+def _load(spec: str) -> None:
+    module, _, cls = spec.strip().partition(":")
+    try:
+        register(getattr(importlib.import_module(module), cls))
+    except (ImportError, AttributeError) as exc:
+        raise LoaderError(f"cannot load backend {spec!r} (LOADERBENCH_BACKENDS): {exc}") from None
+
+
+for _spec in BUILTIN + tuple(s for s in os.environ.get("LOADERBENCH_BACKENDS", "").split(",") if s.strip()):
+    _load(_spec)
 
 
 def backends() -> list[Backend]:
     return list(BACKENDS.values())
 
 
-def get_backend(name: str) -> Backend:
+def get_backend(name: str, installed: bool = True) -> Backend:
     try:
         backend = BACKENDS[name]
     except KeyError:
         raise LoaderError(f"unknown loader {name!r}; known: {', '.join(BACKENDS)}") from None
-    if not backend.installed:
-        missing = [m for m in backend.requires if importlib.util.find_spec(m) is None]
-        raise LoaderError(
-            f"loader {name!r} needs {', '.join(missing)}, which is not installed: "
-            f"pip install 'loaderbench[{backend.extra}]'"
-        )
+    if installed and not backend.installed:
+        raise LoaderError(f"loader {name!r} needs {', '.join(backend.missing)}, which is not installed: "
+                          f"{backend.install_hint()}")
     return backend
 
 
 def options_for(name: str, **options):
     """Parse a backend's own options, naming any that it does not know."""
-    module = importlib.import_module(get_backend(name).module)
-    known = {f.name for f in dataclasses.fields(module.Options)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise LoaderError(
-            f"loader {name!r} has no option(s) {', '.join(unknown)}; its options: {', '.join(sorted(known)) or 'none'}"
-        )
-    return module.Options(**options)
+    return get_backend(name).options(**options)
 
 
 def build_loader(
@@ -85,15 +79,19 @@ def build_loader(
     world_size: int | None = None,
     drop_last: bool = False,
     on_bad_sample: str = "stop",
-    **options,
+    options=None,
+    **option_values,
 ):
     """Build the loader ``name`` over the ImageFolder split ``data``.
 
-    Common arguments mean the same for every backend; ``**options`` are the backend's own
-    (e.g. ``num_workers=8, pin_memory=True`` for ``torch``). Rank and world size default to the
-    process group, then RANK/WORLD_SIZE, then a single process.
+    Common arguments mean the same for every backend; ``**option_values`` are the backend's own
+    (e.g. ``num_workers=8, pin_memory=True`` for ``torch``), or ``options=`` its Options instance.
+    Rank and world size default to the process group, then RANK/WORLD_SIZE, then a single process.
     """
-    opts = options_for(name, **options)
+    backend = get_backend(name)
+    if options is not None and option_values:
+        raise LoaderError("pass the backend's options either as options= or as keywords, not both")
+    opts = options if options is not None else backend.options(**option_values)
     rank, world_size = resolve_rank(rank, world_size)
     cfg = LoaderConfig(
         data=Path(data) if data is not None else None,
@@ -110,4 +108,4 @@ def build_loader(
         on_bad_sample=on_bad_sample,
     )
     validate(cfg)
-    return importlib.import_module(BACKENDS[name].module).build(cfg, opts)
+    return backend.build(cfg, opts)

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .contract import BaseLoader, LoaderConfig, LoaderError, scan_imagefolder, shard_sizes
+from .backend import Backend
+from .contract import BaseLoader, LoaderConfig, LoaderError, rank_share, scan_imagefolder
 
 
 @dataclass(frozen=True)
@@ -19,29 +20,30 @@ class Options:
     num_classes: int | None = None  # default: the data folder's class count
 
 
-def build(cfg: LoaderConfig, opts: Options) -> "SyntheticLoader":
-    num_samples, num_classes = opts.num_samples, opts.num_classes
-    if cfg.data is not None and (num_samples is None or num_classes is None):
-        index = scan_imagefolder(cfg.data)
-        num_samples = len(index) if num_samples is None else num_samples
-        num_classes = len(index.classes) if num_classes is None else num_classes
-    if num_samples is None or num_classes is None:
-        raise LoaderError("the synthetic backend needs data= or both num_samples= and num_classes=")
-    if num_samples < cfg.world_size:
-        raise LoaderError(f"{num_samples} samples cannot be split over {cfg.world_size} ranks")
-    if num_classes < 1:
-        raise LoaderError(f"num_classes must be >= 1, got {num_classes}")
-    return SyntheticLoader(cfg, num_samples, num_classes)
+class SyntheticBackend(Backend):
+    name = "synthetic"
+    summary = "a batch resident on the device; no I/O (the ceiling)"
+    Options = Options
+    is_ceiling = True
+
+    def build(self, cfg: LoaderConfig, opts: Options) -> "SyntheticLoader":
+        num_samples, num_classes = opts.num_samples, opts.num_classes
+        if cfg.data is not None and (num_samples is None or num_classes is None):
+            index = scan_imagefolder(cfg.data)
+            num_samples = len(index) if num_samples is None else num_samples
+            num_classes = len(index.classes) if num_classes is None else num_classes
+        if num_samples is None or num_classes is None:
+            raise LoaderError("the synthetic backend needs data= or both num_samples= and num_classes=")
+        if num_classes < 1:
+            raise LoaderError(f"num_classes must be >= 1, got {num_classes}")
+        return SyntheticLoader(cfg, num_samples, num_classes)
 
 
 class SyntheticLoader(BaseLoader):
     name = "synthetic"
 
     def __init__(self, cfg: LoaderConfig, num_samples: int, num_classes: int):
-        per_rank, padding = shard_sizes(num_samples, cfg.world_size, pad=cfg.train)
-        if not cfg.train:
-            per_rank = len(range(cfg.rank, num_samples, cfg.world_size))
-        super().__init__(cfg, per_rank, padding, tuple(str(c) for c in range(num_classes)))
+        super().__init__(cfg, *rank_share(num_samples, cfg, "the synthetic set"), tuple(map(str, range(num_classes))))
         # Train and eval batches differ, so evaluation cannot score a memorised training batch:
         # the labels are random, and accuracy on them is (correctly) chance.
         g = torch.Generator().manual_seed(hash((cfg.seed, cfg.rank, cfg.train)) & 0x7FFF_FFFF_FFFF_FFFF)

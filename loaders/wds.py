@@ -1,12 +1,5 @@
-"""`wds` backend: an ImageFolder split written once to WebDataset tar shards, read back with
-exact epochs under DDP.
-
-Shards (``convert_shards``): samples in a seeded random order (so a shard holds every class),
-balanced (shard sizes differ by at most one sample), the original JPEG bytes as ``<key>.jpg``,
-the class as webdataset's ``<key>.cls`` (ASCII digits) and as ``<key>.lbl`` (int64 little-endian,
-which DALI's ``fn.readers.webdataset`` reads as INT64), the source path as ``<key>.path``. A
-``manifest.json`` (written last) lists every shard with its sample count, byte size and SHA-1; DALI index
-files (``wds2idx``) sit beside the shards when DALI is installed.
+"""`wds` backend: an ImageFolder split written once to WebDataset tar shards (``loaders.shards``),
+read back with exact epochs under DDP.
 
 Reading: each epoch the shard list is permuted (the same permutation on every rank, from seed and
 epoch) and seen as one sequence of N samples. Rank r reads the contiguous range
@@ -22,40 +15,24 @@ and normalised as ``torch`` does.
 """
 from __future__ import annotations
 
-import io
 import itertools
-import json
 import math
-import os
-import shutil
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
-from .contract import (VERIFY_MAX_BYTES, BaseLoader, LoaderConfig, LoaderError, cache_dir, file_sha1, num_batches,
-                       scan_imagefolder, shard_sizes, temp_output)
-from .pytorch import (BadSample, DeviceFeed, WorkerEpochs, augment, check_timeout, collate_checked, quiet_hand_over,
-                      transform_for)
+from .backend import Backend
+from .contract import BaseLoader, LoaderConfig, LoaderError, num_batches, shard_sizes
+from .feed import DeviceFeed
+from .pil import collate_checked, describe_pil, sample, transform_for
+from .shards import (Sharding, check_sharding, convert_shards, import_wds, is_shard_folder, read_manifest,
+                     resolve_shards, storage_stats)
+from .shards import summary as shards_summary
+from .workers import check_worker_options, worker_loader
 
-MANIFEST = "manifest.json"
-KIND = "loaderbench webdataset shards"
-SHARD_PATTERN = "shard-%06d.tar"
-MIN_SHARDS = 16  # by default, so that up to 16 ranks x workers each stream their own shards
-
-
-@dataclass(frozen=True)
-class Sharding:
-    """How a split is written to shards (recorded in the manifest)."""
-
-    shard_samples: int | None = None  # samples per shard; None: from shard_mb
-    shard_mb: float = 64.0  # target shard size when shard_samples is None (at least MIN_SHARDS shards)
-    max_resolution: int | None = None  # re-encode with the longest side capped; None keeps the bytes
-    jpeg_quality: int = 90  # for re-encoded images only
-    seed: int = 0  # the sample order written
+__all__ = ["Sharding", "convert_shards", "read_manifest", "WdsBackend"]
 
 
 @dataclass(frozen=True)
@@ -72,222 +49,62 @@ class Options:
     shard_mb: float = 64.0
     max_resolution: int | None = None
     jpeg_quality: int = 90
+    shard_seed: int = 0  # the sample order written
 
 
-def _import_wds():
-    try:
-        import webdataset
-    except ImportError:
-        raise LoaderError("webdataset is not installed: pip install 'loaderbench[wds]'") from None
-    return webdataset
+def sharding_of(opts: Options) -> Sharding:
+    return Sharding(opts.shard_samples, opts.shard_mb, opts.max_resolution, opts.jpeg_quality, opts.shard_seed)
 
 
-def check_sharding(s: Sharding) -> None:
-    if s.shard_samples is not None and s.shard_samples < 1:
-        raise LoaderError(f"shard_samples must be >= 1, got {s.shard_samples}")
-    if not s.shard_mb > 0:
-        raise LoaderError(f"shard_mb must be > 0, got {s.shard_mb}")
-    if s.max_resolution is not None and s.max_resolution < 8:
-        raise LoaderError(f"max_resolution must be >= 8, got {s.max_resolution}")
-    if not 1 <= s.jpeg_quality <= 100:
-        raise LoaderError(f"jpeg_quality must be within 1..100, got {s.jpeg_quality}")
+class WdsBackend(Backend):
+    name = "wds"
+    summary = "WebDataset: tar shards (converted once from the ImageFolder) + DataLoader workers"
+    Options = Options
+    requires = ("webdataset",)
+    knobs = {"workers": "num_workers", "pin_memory": "pin_memory", "prefetch": "prefetch_factor",
+             "device_normalize": "device_normalize"}  # no persistent workers: each epoch plans anew
+    prefetch_values = (2, 4, 8)
+    stored_format = "webdataset shards"
 
+    def build(self, cfg: LoaderConfig, opts: Options) -> "WdsLoader":
+        import_wds()
+        check_worker_options(opts)
+        if opts.shuffle_buffer < 0:
+            raise LoaderError(f"shuffle_buffer must be >= 0, got {opts.shuffle_buffer}")
+        check_sharding(sharding_of(opts))
+        if cfg.data is None:
+            raise LoaderError("the wds backend needs data= (a shard folder, or an ImageFolder split to convert)")
+        folder, manifest = resolve_shards(Path(cfg.data), sharding_of(opts), progress=cfg.rank == 0)
+        if manifest["samples"] < cfg.world_size:
+            raise LoaderError(f"{manifest['samples']} samples in {folder} cannot be split over {cfg.world_size} "
+                              "ranks")
+        shards, streams = len(manifest["shards"]), cfg.world_size * max(1, opts.num_workers)
+        if shards < streams:
+            raise LoaderError(
+                f"{folder} has {shards} shards, fewer than ranks x workers = {cfg.world_size} x "
+                f"{max(1, opts.num_workers)}: each worker streams its own shards; convert with more shards "
+                "(bench data convert --to wds --shard-samples N) or use fewer workers")
+        return WdsLoader(cfg, opts, folder, manifest)
 
-# --- Writing ---------------------------------------------------------------------------------
+    def prepare(self, split: Path, opts: Options) -> None:
+        check_sharding(sharding_of(opts))
+        resolve_shards(Path(split), sharding_of(opts), progress=True)
 
+    def locate(self, root: Path, split: str, opts) -> Path | None:
+        return root / split if is_shard_folder(root / split) else None
 
-def _image_bytes(args) -> tuple[bytes, bool]:
-    """(JPEG bytes, re-encoded?) of one file: its own bytes when it is a JPEG and no resize is asked."""
-    path, max_resolution, quality = args
-    from PIL import Image
+    def holds(self, root: Path) -> bool:
+        return is_shard_folder(root / "train")
 
-    try:
-        with Image.open(path) as im:
-            fmt = im.format
-            if fmt == "JPEG" and max_resolution is None:
-                return Path(path).read_bytes(), False
-            image = im.convert("RGB")
-    except Exception as exc:
-        raise LoaderError(f"cannot convert {path}: {type(exc).__name__}: {exc}") from None
-    if max_resolution is not None and max(image.size) > max_resolution:  # never upscale
-        scale = max_resolution / max(image.size)
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                             Image.Resampling.LANCZOS)
-    buf = io.BytesIO()
-    image.save(buf, "JPEG", quality=quality)
-    return buf.getvalue(), True
+    def storage_stats(self, path: Path) -> dict | None:
+        return storage_stats(read_manifest(path, verify=False)) if is_shard_folder(path) else None
 
-
-def shard_bounds(n: int, sharding: Sharding, total_bytes: int) -> np.ndarray:
-    """Start of each shard and the end, so that shard sizes differ by at most one sample."""
-    if sharding.shard_samples is not None:
-        count = math.ceil(n / sharding.shard_samples)
-    else:
-        count = max(math.ceil(total_bytes / (sharding.shard_mb * 1e6)), min(MIN_SHARDS, n))
-    return np.array([n * j // count for j in range(count + 1)])
-
-
-def _write_index(tar: Path) -> bool:
-    """DALI's index for one shard (random access for fn.readers.webdataset), if DALI is installed."""
-    try:
-        from wds2idx import IndexCreator  # installed with nvidia-dali
-    except ImportError:
-        return False
-    with IndexCreator(str(tar), str(tar.with_suffix(".idx")), verbose=False) as creator:
-        creator.create_index()
-    return True
-
-
-def convert_shards(split: Path | str, out: Path | str, sharding: Sharding = Sharding(), workers: int | None = None,
-                   progress: bool = True) -> dict:
-    """Write ImageFolder ``split`` as tar shards in the new folder ``out``.
-
-    Everything is written in a hidden sibling folder and renamed when complete, manifest last:
-    an interrupted conversion leaves no ``out`` (and a folder without a manifest is refused).
-    """
-    wds = _import_wds()
-    from concurrent.futures import ProcessPoolExecutor
-
-    from tqdm import tqdm
-
-    check_sharding(sharding)
-    split, out = Path(split), Path(out)
-    if out.exists():
-        raise LoaderError(f"{out} exists; choose a new folder (or remove it)")
-    index = scan_imagefolder(split)
-    n = len(index)
-    order = np.random.default_rng(sharding.seed).permutation(n)
-    total = sum(os.path.getsize(p) for p in index.paths)
-    bounds = shard_bounds(n, sharding, total)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    tasks = ((str(index.paths[i]), sharding.max_resolution, sharding.jpeg_quality) for i in order)
-    shards, reencoded, image_bytes = [], 0, 0
-    with temp_output(out) as tmp:
-        tmp.mkdir()
-        reencode = sharding.max_resolution is not None
-        pool = ProcessPoolExecutor(max_workers=workers or os.cpu_count()) if reencode else None
-        encoded = pool.map(_image_bytes, tasks, chunksize=16) if pool else map(_image_bytes, tasks)
-        bar = tqdm(total=n, desc=f"{split.name} -> {len(bounds) - 1} shards", unit="img", disable=not progress)
-        try:
-            for j in range(len(bounds) - 1):
-                name = SHARD_PATTERN % j
-                # Fixed mtime: the same input writes byte-identical shards.
-                with wds.TarWriter(str(tmp / name), encoder=False, mtime=0) as sink:
-                    for i in order[bounds[j]:bounds[j + 1]]:
-                        data, was_reencoded = next(encoded)
-                        label = int(index.labels[i])
-                        sink.write({"__key__": f"{i:09d}", "jpg": data, "cls": str(label).encode(),
-                                    "lbl": np.int64(label).tobytes(),
-                                    "path": os.path.relpath(str(index.paths[i]), split).encode()})
-                        reencoded += was_reencoded
-                        image_bytes += len(data)
-                        bar.update()
-                shards.append({"file": name, "samples": int(bounds[j + 1] - bounds[j]),
-                               "bytes": (tmp / name).stat().st_size, "sha1": file_sha1(tmp / name)})
-        finally:
-            bar.close()
-            if pool:
-                pool.shutdown(cancel_futures=True)
-        dali_index = all([_write_index(tmp / s["file"]) for s in shards])
-        manifest = {
-            "kind": KIND,
-            "source": str(split.resolve()),
-            "samples": n,
-            "classes": list(index.classes),
-            "shards": shards,
-            "sharding": asdict(sharding),
-            "storage": {"max_resolution": sharding.max_resolution,
-                        "jpeg_quality": sharding.jpeg_quality if sharding.max_resolution else None,
-                        "reencoded": reencoded, "mean_bytes": image_bytes / n},
-            "fields": {"jpg": "image bytes", "cls": "class index, ASCII", "lbl": "class index, int64 LE",
-                       "path": "source path relative to the split"},
-            "dali_index": dali_index,
-            "seconds": round(time.perf_counter() - start, 2),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        os.rename(tmp, out)
-    if progress:
-        size = sum(s["bytes"] for s in shards)
-        print(f"wds: wrote {out} ({len(shards)} shards, {size / 1e6:.1f} MB, {n} samples) in "
-              f"{manifest['seconds']:.1f} s")
-    return manifest
-
-
-def read_manifest(folder: Path, verify: bool = True) -> dict:
-    """The manifest of a complete, undamaged set of shards, or a LoaderError naming what is wrong.
-    A flipped byte inside a JPEG's bytes can still decode (to garbage), so each shard's checksum,
-    recorded at conversion, is checked when the shards total at most VERIFY_MAX_BYTES (about 0.1 s
-    per 100 MB); manifests without checksums get the size checks only."""
-    folder = Path(folder)
-    m_path = folder / MANIFEST
-    if not folder.is_dir():
-        raise LoaderError(f"wds shard folder not found: {folder}")
-    if not m_path.is_file():
-        raise LoaderError(f"{folder} has no {MANIFEST}: not a shard folder, or an interrupted conversion; "
-                          "convert with `bench data convert --to wds`")
-    try:
-        manifest = json.loads(m_path.read_text())
-        assert manifest["kind"] == KIND
-    except (ValueError, KeyError, AssertionError):
-        raise LoaderError(f"{m_path} is damaged or not ours; convert again") from None
-    for s in manifest["shards"]:
-        path = folder / s["file"]
-        if not path.is_file():
-            raise LoaderError(f"shard {path} is missing (listed in {m_path})")
-        size = path.stat().st_size
-        if size != s["bytes"]:
-            raise LoaderError(f"shard {path} is {'truncated' if size < s['bytes'] else 'damaged'}: {size} bytes, "
-                              f"its manifest says {s['bytes']}; convert again")
-    if verify and sum(s["bytes"] for s in manifest["shards"]) <= VERIFY_MAX_BYTES:
-        for s in manifest["shards"]:
-            if "sha1" in s and file_sha1(folder / s["file"]) != s["sha1"]:
-                raise LoaderError(f"shard {folder / s['file']} is damaged: its content differs from the checksum "
-                                  "recorded when it was converted; convert again")
-    return manifest
-
-
-def is_shard_folder(path: Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
-
-
-def cached_shards(split: Path, sharding: Sharding, progress: bool = True) -> Path:
-    """The shards of an ImageFolder split under these choices, converted on first use."""
-    out = cache_dir("wds", split, asdict(sharding)) / split.name
-    try:
-        read_manifest(out)
-        return out
-    except LoaderError:
-        shutil.rmtree(out, ignore_errors=True)  # absent or damaged: write it (again)
-    try:
-        convert_shards(split, out, sharding, progress=progress)
-    except (LoaderError, OSError) as exc:
-        try:
-            read_manifest(out)  # another process (rank) finished the same conversion first: use it
-        except LoaderError:
-            raise exc from None
-    return out
-
-
-def _sharding(opts: Options) -> Sharding:
-    return Sharding(opts.shard_samples, opts.shard_mb, opts.max_resolution, opts.jpeg_quality)
-
-
-def resolve_shards(data: Path, sharding: Sharding, progress: bool) -> tuple[Path, dict]:
-    """(shard folder, manifest) for ``data``: a shard folder, or an ImageFolder split to convert."""
-    if not is_shard_folder(data) and data.is_dir() and not list(data.glob("*.tar")):
-        data = cached_shards(data, sharding, progress=progress)
-        return data, read_manifest(data, verify=False)  # checked (or just written) there
-    return data, read_manifest(data)
-
-
-def prepare(split: Path, opts: Options) -> None:
-    """Convert an ImageFolder split once, before several ranks start (they then find it cached)."""
-    check_sharding(_sharding(opts))
-    resolve_shards(Path(split), _sharding(opts), progress=True)
-
-
-# --- Reading ---------------------------------------------------------------------------------
+    def convert(self, split: Path, out_root: Path, opts, workers: int | None = None) -> tuple[Path, str]:
+        out = out_root / split.name
+        if out.exists():
+            raise LoaderError(f"--out {out_root}: {out} exists; choose a new folder")
+        check_sharding(sharding_of(opts))
+        return out, shards_summary(out, convert_shards(split, out, sharding_of(opts), workers=workers))
 
 
 def rank_range(n: int, rank: int, world_size: int, train: bool) -> tuple[int, int]:
@@ -360,7 +177,7 @@ class _ShardStream(IterableDataset):
         return plan(self.counts, self._order(), a, b) if b > a else []
 
     def _samples(self, parts):
-        wds = _import_wds()
+        wds = import_wds()
         for shard, skip, take in parts:
             url = str(self.folder / self.files[shard])
 
@@ -381,23 +198,14 @@ class _ShardStream(IterableDataset):
                                   f"{self.counts[shard]}: damaged; convert again")
 
     def _decode_batch(self, samples):
-        from PIL import Image
-
-        out = []
-        for s in samples:
-            where = f"{s.get('__url__')} sample {s['__key__']} ({s.get('path', b'?').decode()})"
-            try:
-                label = int(s["cls"])
-                with Image.open(io.BytesIO(s["jpg"])) as im:
-                    image = im.convert("RGB")  # the full decode: damage shows here
-            except Exception as exc:
-                out.append(BadSample(where, f"{type(exc).__name__}: {exc}"))
-                continue
-            out.append((augment(self.transform, image, self.cfg.seed, self.epoch, int(s["__key__"])), label))
-        return collate_checked(out)
+        cfg = self.cfg
+        return collate_checked([
+            sample(self.transform, s["jpg"], f"{s.get('__url__')} sample {s['__key__']} "
+                   f"({s.get('path', b'?').decode()})", int(s["cls"]), cfg.seed, self.epoch, int(s["__key__"]))
+            for s in samples])
 
     def __iter__(self):
-        wds = _import_wds()
+        wds = import_wds()
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         samples = self._samples(self.parts(worker, workers))
@@ -415,33 +223,6 @@ class _ShardStream(IterableDataset):
             yield _Failed(str(exc))
 
 
-def build(cfg: LoaderConfig, opts: Options) -> "WdsLoader":
-    _import_wds()
-    if opts.num_workers < 0:
-        raise LoaderError(f"num_workers must be >= 0, got {opts.num_workers}")
-    if opts.num_workers == 0 and opts.prefetch_factor is not None:
-        raise LoaderError("prefetch_factor needs num_workers >= 1")
-    if opts.prefetch_factor is not None and opts.prefetch_factor < 1:
-        raise LoaderError(f"prefetch_factor must be >= 1, got {opts.prefetch_factor}")
-    if opts.shuffle_buffer < 0:
-        raise LoaderError(f"shuffle_buffer must be >= 0, got {opts.shuffle_buffer}")
-    check_timeout(opts)
-    sharding = _sharding(opts)
-    check_sharding(sharding)
-    if cfg.data is None:
-        raise LoaderError("the wds backend needs data= (a shard folder, or an ImageFolder split to convert)")
-    folder, manifest = resolve_shards(Path(cfg.data), sharding, progress=cfg.rank == 0)
-    if manifest["samples"] < cfg.world_size:
-        raise LoaderError(f"{manifest['samples']} samples in {folder} cannot be split over {cfg.world_size} ranks")
-    shards, streams = len(manifest["shards"]), cfg.world_size * max(1, opts.num_workers)
-    if shards < streams:
-        raise LoaderError(
-            f"{folder} has {shards} shards, fewer than ranks x workers = {cfg.world_size} x "
-            f"{max(1, opts.num_workers)}: each worker streams its own shards; convert with more shards "
-            "(bench data convert --to wds --shard-samples N) or use fewer workers")
-    return WdsLoader(cfg, opts, folder, manifest)
-
-
 class WdsLoader(BaseLoader):
     name = "wds"
 
@@ -451,21 +232,13 @@ class WdsLoader(BaseLoader):
         padding = shard_sizes(n, cfg.world_size, pad=True)[1] if cfg.train else 0
         super().__init__(cfg, stop - start, padding, tuple(manifest["classes"]))
         self.options, self.folder, self.manifest = opts, folder, manifest
-        self._cuda = cfg.device.type == "cuda"
-        self._feed = DeviceFeed(cfg, opts.device_normalize,
-                                opts.pin_memory if opts.non_blocking is None else opts.non_blocking)
+        self._feed = DeviceFeed.for_options(cfg, opts)
         self._stream = _ShardStream(self)
-        self._loader = WorkerEpochs(DataLoader(self._stream, batch_size=None, num_workers=opts.num_workers,
-                                               pin_memory=opts.pin_memory and self._cuda,
-                                               prefetch_factor=opts.prefetch_factor, timeout=opts.timeout,
-                                               worker_init_fn=quiet_hand_over), self.name)
+        self._loader = worker_loader(self._stream, opts, self.name, cfg.device.type == "cuda", batch_size=None)
 
     def describe(self) -> dict:
-        d = super().describe()
+        d = {**super().describe(), **describe_pil(self.options, self.config)}
         d.update(
-            decode="cpu (PIL) in DataLoader workers" if self.options.num_workers else "cpu (PIL) in the main process",
-            normalize="device" if self.options.device_normalize else "workers",
-            options={k: getattr(self.options, k) for k in self.options.__dataclass_fields__},
             shards=len(self.manifest["shards"]),
             shard_folder=str(self.folder),
             storage={**self.manifest["storage"], "sharding": self.manifest["sharding"]},

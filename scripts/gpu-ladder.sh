@@ -16,15 +16,17 @@ python3 -m bench.cli sweep --data "$DATA" --model "$MODEL" --batch-size 128 --st
   --trial-timeout 150 --out "$OUTDIR" "$@"
 # torch.compile on the ladder's final stack, one run in the same folder (label compile-final)
 python3 - "$OUTDIR" <<'PY'
-import json, sys
+import dataclasses, json, sys
 from pathlib import Path
-from bench.launch import run_trial
+from bench.harness.launch import run_trial
+from bench.harness.spec import RunSpec
 out = Path(sys.argv[1])
 steps = json.loads((out / "sweep.json").read_text())["steps"]
 final = [s for s in steps if s["key"] == "early_stop" and s["argv"]]
 if final:
-    argv = final[0]["argv"][:-4] + ["--steps", "30", "--compile", "--label", "compile-final"]
-    t = run_trial(argv, out / "runs", timeout=300)
-    print("compile-final:", t.error or f"{t.result['metrics']['images_per_second']:.1f} img/s")
+    spec = dataclasses.replace(RunSpec.from_argv(final[0]["argv"]), epochs=None, steps=30, compile=True,
+                               label="compile-final")
+    t = run_trial(spec, out / "runs", timeout=300)
+    print("compile-final:", t.error or f"{t.result.ips:.1f} img/s")
 PY
 python3 -m bench.cli report "$OUTDIR" --title "Techniques ladder: $MODEL on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"

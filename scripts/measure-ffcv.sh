@@ -10,7 +10,7 @@ TRIALS=${2:-2}
 B=".venv/bin/bench"
 WORK="${LOADERBENCH_CACHE:-$HOME/.cache/loaderbench}/measure-ffcv"  # converted data: not committed
 mkdir -p "$OUT" "$WORK"
-ORIG=$(.venv/bin/python -c "from bench.synth import default_dataset; print(default_dataset())")
+ORIG=$(.venv/bin/python -c "from bench.data.synth import default_dataset; print(default_dataset())")
 [ -f "$WORK/beton-full/val.beton.json" ] || "$B" data convert --to ffcv --data "$ORIG" --out "$WORK/beton-full"
 [ -f "$WORK/beton-256/val.beton.json" ] || "$B" data convert --to ffcv --data "$ORIG" --out "$WORK/beton-256" --max-resolution 256
 [ -d "$WORK/folder-256" ] || "$B" data convert --to folder --data "$ORIG" --out "$WORK/folder-256" --max-resolution 256

@@ -11,7 +11,7 @@ TRIALS=${2:-3}
 B=".venv/bin/bench"
 WORK="${LOADERBENCH_CACHE:-$HOME/.cache/loaderbench}/measure-wds"  # converted data: not committed
 mkdir -p "$OUT" "$WORK"
-ORIG=$(.venv/bin/python -c "from bench.synth import default_dataset; print(default_dataset())")
+ORIG=$(.venv/bin/python -c "from bench.data.synth import default_dataset; print(default_dataset())")
 [ -f "$WORK/shards/val/manifest.json" ] || { rm -rf "$WORK/shards"; "$B" data convert --to wds --data "$ORIG" --out "$WORK/shards"; }
 .venv/bin/python - "$WORK/shards" > "$OUT/conversions.md" <<'PY'
 import json, sys

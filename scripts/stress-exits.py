@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.synth import SynthSpec, generate
+from bench.data.synth import SynthSpec, generate
 
 
 def ctrl_c(data: Path, work: Path, i: int) -> tuple[bool, str]:

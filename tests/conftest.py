@@ -12,9 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from loaders.contract import MEAN, STD
-
 REPO = Path(__file__).resolve().parent.parent
+# The toy backend (tests/toy_backend.py) is registered the way an outside backend would be, for this
+# process and every `bench` process the tests start: the conformance suite and the harness tests
+# take it like any other.
+os.environ["LOADERBENCH_BACKENDS"] = "tests.toy_backend:ToyBackend"
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+
+from loaders.contract import MEAN, STD  # noqa: E402  (after the registration above)
 
 # Probe set: flat-colour JPEGs. A crop, resize or flip of a flat image is the same flat image, so
 # the colour of any output batch row names the sample it came from, whatever the augmentation.
@@ -67,7 +72,7 @@ SMALL_SPEC = dict(classes=4, train_per_class=40, val_per_class=12, width=200, he
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory):
     """A small generated ImageFolder (fast to read; same generator as the default set)."""
-    from bench.synth import SynthSpec, generate
+    from bench.data.synth import SynthSpec, generate
 
     out = tmp_path_factory.mktemp("gen") / "small"
     generate(out, SynthSpec(**SMALL_SPEC), progress=False)

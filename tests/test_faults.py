@@ -196,7 +196,7 @@ def _ranks(proc, n=2):
             parent = p.parent()
         except psutil.Error:  # ended meanwhile
             return False
-        return parent is not None and parent.pid != proc.pid and "bench.torchrun" in command(parent)
+        return parent is not None and parent.pid != proc.pid and "bench.harness.torchrun" in command(parent)
 
     def find():
         found = [p for p in descendants(proc) if "bench.cli" in command(p) and is_rank(p)]
@@ -237,7 +237,7 @@ def test_a_worker_whose_main_process_died_prints_no_hand_over_traceback():
     """A killed rank's workers may be handing it a batch's shared memory; multiprocessing's sharing
     thread then reports the broken connection through sys.excepthook ('Traceback' after bench's
     one-line error, seen once in a clean-clone run of the dead-rank test). Other errors still show."""
-    code = ("import sys; from loaders.pytorch import quiet_hand_over; quiet_hand_over(0)\n"
+    code = ("import sys; from loaders.workers import quiet_hand_over; quiet_hand_over(0)\n"
             "for e in (ConnectionResetError('peer gone'), EOFError('peer gone'), ValueError('a real bug')):\n"
             "    sys.excepthook(type(e), e, None)\n")
     err = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stderr
@@ -247,7 +247,7 @@ def test_a_worker_whose_main_process_died_prints_no_hand_over_traceback():
 
 @pytest.mark.parametrize("name", PROCESS_WORKERS)
 def test_process_workers_start_with_the_quiet_hand_over(name, small_data):
-    from loaders.pytorch import quiet_hand_over
+    from loaders.workers import quiet_hand_over
 
     loader = build_loader(name, small_data / "train", batch_size=8, train=True, image_size=32, device="cpu",
                           num_workers=1)
@@ -375,7 +375,7 @@ def test_a_worker_dying_of_the_same_ctrl_c_is_reported_as_the_interrupt(error, m
 @pytest.fixture(scope="module")
 def medium_data(tmp_path_factory):
     """Enough images that a conversion takes a few seconds to kill it in the middle."""
-    from bench.synth import SynthSpec, generate
+    from bench.data.synth import SynthSpec, generate
 
     out = tmp_path_factory.mktemp("medium") / "set"
     generate(out, SynthSpec(classes=4, train_per_class=150, val_per_class=20, width=320, height=240), progress=False)
@@ -399,7 +399,7 @@ def _partial(out: Path) -> list[Path]:
 
 def _check_readable(kind: str, out: Path) -> None:
     if kind == "synth":
-        from bench.synth import SynthSpec, is_complete
+        from bench.data.synth import SynthSpec, is_complete
 
         assert is_complete(out, SynthSpec(classes=4, train_per_class=300, val_per_class=10))
         return
@@ -463,11 +463,12 @@ def test_out_of_space_is_reported_and_leaves_nothing(kind, medium_data, small_di
 
 
 def test_a_result_on_a_full_disk_is_not_left_half_written(small_disk):
-    from bench.result import ResultError, save
+    from bench.harness.result import ResultError, new_result, save
 
     (small_disk / "filler").write_bytes(b"\0" * (3 * 2**20 - 8192))
-    big = {"config": {"model": "small", "loader": "torch", "world_size": 1}, "samples": ["x" * 100] * 50_000}
-    with pytest.raises(ResultError, match="No space left on device"):
+    big = new_result(command=["bench"], config={"model": "small", "loader": "torch", "world_size": 1}, environment={},
+                     data={}, loader={}, metrics={"images_per_second": 1.0}, samples={"x": ["x" * 100] * 50_000})
+    with pytest.raises(ResultError, match="out of space writing"):
         save(big, small_disk / "r")
     assert not list((small_disk / "r").iterdir())
 
@@ -530,21 +531,12 @@ def test_worker_memory_stays_flat_across_epochs(monkeypatch):
     workers inherit the stubs when they fork) so that the test measures what the loader itself keeps:
     the index is numpy arrays (no refcounted object per sample for workers to copy on read) and
     nothing accumulates per epoch."""
+    import loaders.pil as pil
     import loaders.pytorch as lp
 
-    class Image:  # the cheapest stand-in for PIL's image: the real path still opens and "converts" it
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def convert(self, mode):
-            return self
-
     pixels = torch.zeros(3, 8, 8)
-    monkeypatch.setattr(lp.Image, "open", lambda path: Image())
-    monkeypatch.setattr(lp, "augment", lambda transform, image, seed, epoch, i: pixels)
+    monkeypatch.setattr(pil, "decode_rgb", lambda source: None)  # the cheapest stand-in for a decode
+    monkeypatch.setattr(pil, "augment", lambda transform, image, seed, epoch, i: pixels)
     n = 200_000
     index = FolderIndex(Path("/nowhere"), ("a", "b"),
                         np.array([f"/nowhere/class/img_{k:07d}.jpg" for k in range(n)]), np.zeros(n, dtype=np.int64))

@@ -84,7 +84,7 @@ def test_cuda_low_precision_channels_last(name, dtype, small_data):
 def test_trainer_amp_channels_last_on_cuda(amp, small_data):
     """AMP (fp16 with GradScaler, bf16 without), channels_last, CUDA-event compute time, and the
     reported rate against an outside clock."""
-    from bench.models import build_model
+    from bench.trainer.models import build_model
     from bench.trainer import TrainConfig, train
 
     loader = build_loader("synthetic", small_data / "train", batch_size=32, image_size=64, device="cuda",

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from bench import report
-from bench.doctor import verdict
-from bench.launch import Trial
-from bench.monitor import ResourceMonitor
-from bench.result import new_result, save
+from bench.harness import report
+from bench.harness.doctor import verdict
+from bench.harness.launch import Trial
+from bench.harness.spec import RunSpec
+from bench.harness.monitor import ResourceMonitor
+from bench.harness.result import new_result, save
 
 from .conftest import bench
 
@@ -129,16 +130,15 @@ def test_doctor_verdicts():
 
 
 def test_tune_picks_the_fastest_measured_setting(tmp_path, monkeypatch):
-    import bench.tune as tune
+    import bench.harness.tune as tune
 
-    def fake(argv, out, **kw):
-        opts = dict(a.split("=") for a in argv[argv.index("--loader") + 1:] if "=" in a)
-        w, pf = int(opts.get("num_workers", 1)), int(opts.get("prefetch_factor", 2))
-        ips = 100.0 * min(w, 4) + (30.0 if pf == 4 else 0.0)  # best: 4+ workers, prefetch 4
-        return Trial(argv=argv, path=out / "x.json", result={"metrics": {"images_per_second": ips}})
+    def fake(spec, out, **kw):
+        w, pf = spec.options.num_workers, spec.options.prefetch_factor or 2
+        ips = 100.0 * min(max(w, 1), 4) + (30.0 if pf == 4 else 0.0)  # best: 4+ workers, prefetch 4
+        return Trial(spec=spec, path=out / "x.json", result=fake_result(ips, spec.label))
 
     monkeypatch.setattr(tune, "run_trial", fake)
-    doc = tune.tune("torch", ["--steps", "10"], tmp_path, ["bench", "tune"], max_workers=8, log=lambda *a: None)
+    doc = tune.tune(RunSpec(steps=10), tmp_path, ["bench", "tune"], max_workers=8, log=lambda *a: None)
     assert doc["best_options"] == {"num_workers": 4, "prefetch_factor": 4} and doc["best_ips"] == 430.0
     assert doc["best_args"] == ["-o", "num_workers=4", "-o", "prefetch_factor=4"]
     assert tune.candidates(8, with_zero=True) == [0, 1, 2, 4, 8, 12]
@@ -162,13 +162,13 @@ def test_resource_monitor_sees_worker_memory_and_cpu():
 def test_a_tiny_sweep_skips_a_missing_backend_and_reports(small_data, tmp_path, monkeypatch):
     from loaders import registry
 
-    from bench.sweep import Settings, Sweep
+    from bench.harness.sweep import Settings, Sweep
 
     fake = copy.copy(registry.BACKENDS["dali"])
     object.__setattr__(fake, "requires", ("no_such_module_xyz",))
     monkeypatch.setitem(registry.BACKENDS, "dali", fake)
-    s = Settings(data=str(small_data), batch_size=16, image_size=48, steps=6, warmup_steps=2, trials=1,
-                 workers=1, techniques=("workers", "dali"))
+    spec = RunSpec(data=str(small_data), batch_size=16, image_size=48, steps=6, warmup_steps=2)
+    s = Settings(spec=spec, trials=1, workers=1, techniques=("workers", "dali"))
     out = tmp_path / "sw"
     Sweep(s, out, ["bench", "sweep"], log=lambda *a: None).run()
     doc = json.loads((out / "sweep.json").read_text())

@@ -6,7 +6,7 @@ import pytest
 
 from loaders import LoaderError, backends, build_loader
 from loaders import registry
-from loaders.registry import Backend
+from loaders.pytorch import TorchBackend
 
 from .conftest import REPO, bench
 
@@ -22,8 +22,10 @@ def test_unknown_backend_names_the_known_ones(probe):
 
 
 def test_uninstalled_backend_names_the_extra(probe, monkeypatch):
-    fake = Backend("fancy", "loaders.pytorch", "needs a module that is not there",
-                   requires=("no_such_module_xyz",), extra="fancy")
+    class Fancy(TorchBackend):
+        name, summary, requires, extra = "fancy", "needs a module that is not there", ("no_such_module_xyz",), "fancy"
+
+    fake = Fancy()
     monkeypatch.setitem(registry.BACKENDS, "fancy", fake)
     assert not fake.installed
     with pytest.raises(LoaderError) as exc:

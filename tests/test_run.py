@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from bench.result import SCHEMA, load
+from bench.harness.result import SCHEMA, load
 
 from .conftest import available_backends, bench
 
@@ -33,16 +33,16 @@ def test_run_writes_a_result_of_record(small_data, tmp_path, loader, extra):
                 cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     res = one_result(tmp_path / "r")
-    m, c = res["metrics"], res["config"]
-    assert res["schema"] == SCHEMA and res["status"] == "ok"
+    m, c = res.metrics, res.config
+    assert res.schema == SCHEMA and res.status == "ok"
     assert c["loader"] == loader and c["world_size"] == 1 and c["image_size"] == 64
-    assert m["steps"] == 10 and m["measured_images"] == 7 * 16
-    assert m["images_per_second"] == pytest.approx(m["measured_images"] / m["measured_seconds"])
-    assert 0 <= m["data_wait_share"] <= 1
-    assert m["final_val_accuracy"] is not None and 0 <= m["final_val_accuracy"] <= 1
-    assert len(res["samples"]["step_time_s"]) == 7
-    assert res["data"]["storage"]["source"] == "generated" and res["data"]["storage"]["jpeg_quality"] == 90
-    assert res["environment"]["libraries"]["torch"] and res["environment"]["cpu_count"]
+    assert m.steps == 10 and m.measured_images == 7 * 16
+    assert m.images_per_second == pytest.approx(m.measured_images / m.measured_seconds)
+    assert 0 <= m.data_wait_share <= 1
+    assert m.final_val_accuracy is not None and 0 <= m.final_val_accuracy <= 1
+    assert len(res.samples["step_time_s"]) == 7
+    assert res.data["storage"]["source"] == "generated" and res.data["storage"]["jpeg_quality"] == 90
+    assert res.environment["libraries"]["torch"] and res.environment["cpu_count"]
     assert "images/s" in out.stdout and "step time median [p10, p90]" in out.stdout
 
 
@@ -69,9 +69,9 @@ def test_two_cpu_ranks_through_torchrun(small_data, tmp_path, loader, extra):
                 "--out", str(tmp_path / "r"), cwd=tmp_path, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
     res = one_result(tmp_path / "r")  # rank 0 alone writes it
-    assert res["config"]["world_size"] == 2
-    assert res["metrics"]["measured_images"] == 2 * 7 * 16  # both ranks' images
-    assert res["loader"]["num_samples_per_rank"] == 160 // 2 and res["loader"]["padding"] == 0
+    assert res.config["world_size"] == 2
+    assert res.metrics.measured_images == 2 * 7 * 16  # both ranks' images
+    assert res.loader["num_samples_per_rank"] == 160 // 2 and res.loader["padding"] == 0
 
 
 @pytest.mark.slow
@@ -90,7 +90,7 @@ def test_default_dataset_generated_once_then_reused(tmp_path, tmp_cache):
     assert "generating" not in again.stderr
     assert (cached / "synth.json").stat().st_mtime_ns == stamp
     res = [load(p) for p in (tmp_path / "r").glob("*.json")]
-    assert {r["data"]["train"] for r in res} == {str(cached / "train")}
+    assert {r.data["train"] for r in res} == {str(cached / "train")}
 
 
 def test_loader_only_measures_the_loader_without_a_model(small_data, tmp_path):
@@ -98,8 +98,8 @@ def test_loader_only_measures_the_loader_without_a_model(small_data, tmp_path):
                 "--out", str(tmp_path / "r"), cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     res = one_result(tmp_path / "r")
-    m = res["metrics"]
-    assert res["config"]["loader_only"] is True
-    assert m["measured_images"] == 7 * 16 and m["images_per_second"] > 0
-    assert m["final_train_loss"] is None and m["final_val_accuracy"] is None
-    assert m["data_wait_share"] == pytest.approx(1.0)
+    m = res.metrics
+    assert res.config["loader_only"] is True
+    assert m.measured_images == 7 * 16 and m.images_per_second > 0
+    assert m.final_train_loss is None and m.final_val_accuracy is None
+    assert m.data_wait_share == pytest.approx(1.0)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.synth import MANIFEST, SynthError, SynthSpec, default_dataset, generate, render
+from bench.data.synth import MANIFEST, SynthError, SynthSpec, default_dataset, generate, render
 
 from .conftest import SMALL_SPEC, bench
 
@@ -75,7 +75,7 @@ def test_output_is_atomic_and_existing_folders_are_refused(tmp_path):
     # An interrupted generation leaves only a hidden temporary, never `out` itself.
     calls = {"n": 0}
 
-    import bench.synth as synth
+    import bench.data.synth as synth
 
     real = synth.json.dumps
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from bench import trainer
-from bench.models import build_model
+from bench.trainer import loop as trainer
+from bench.trainer.models import build_model
 from bench.trainer import TrainConfig, TrainError, train
 
 CPU = torch.device("cpu")

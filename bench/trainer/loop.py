@@ -16,8 +16,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import BenchError
 
-class TrainError(Exception):
+
+class TrainError(BenchError):
     """A run the trainer cannot carry out as configured: one clear line."""
 
 
@@ -152,7 +154,90 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=AMP_DTYPES[cfg.amp])
 
 
+def measure(loader, cfg: TrainConfig, device: torch.device, step=None, end_epoch=None, log=print,
+            what: str = "batches fetched") -> TrainResult:
+    """The one measured loop. Epochs of ``loader``; per batch ``step(images, labels)`` (None: loader
+    only, no model) and after each epoch ``end_epoch(record)``, which may fill in evaluation and
+    return True to stop. Throughput: images after ``warmup_steps`` batches / the wall time of the
+    batches themselves, summed over ranks; time between epochs (evaluation, the next epoch's
+    iterator start is not: it belongs to the loader) is left out."""
+    rank, world_size = _world()
+    clock = _StepClock(device)
+    has_batchnorm = step is not None and getattr(step, "has_batchnorm", False)
+    steps, measured_images, measured_seconds = 0, 0, 0.0
+    data_wait, step_time = [], []
+    result = TrainResult(0.0, 0, 0.0, 0)
+    done = False
+    for epoch in range(cfg.epochs):
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        loss_sum = torch.zeros((), device=device)
+        epoch_steps = 0
+        epoch_start = time.perf_counter()
+        segment_start = epoch_start if steps >= cfg.warmup_steps else None
+        it = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                images, labels = next(it)
+            except StopIteration:
+                break
+            t1 = time.perf_counter()
+            if has_batchnorm and labels.shape[0] < 2:
+                raise TrainError(f"step {steps}: a training batch of {labels.shape[0]} sample(s) cannot train "
+                                 "BatchNorm; use a larger batch size (or fewer skipped samples)")
+            begin = clock.start()
+            if step is not None:
+                loss_sum += step(images, labels)
+            steps += 1
+            epoch_steps += 1
+            if steps == cfg.warmup_steps:  # the measured window opens after warm-up
+                clock.sync()  # asynchronous work of the warm-up batches ends inside the warm-up
+                segment_start = time.perf_counter()
+            elif steps > cfg.warmup_steps:
+                if step is not None:
+                    clock.stop(begin)
+                measured_images += labels.shape[0]
+                data_wait.append(t1 - t0)
+                step_time.append((time.perf_counter() if step is not None else t1) - t0)  # loader only: the wait
+            if cfg.max_steps is not None and steps >= cfg.max_steps:
+                done = True
+                break
+        clock.sync()  # a batch counts once its work on the device has finished
+        now = time.perf_counter()
+        if segment_start is not None:  # closed before the iterator is torn down: teardown is not loading
+            measured_seconds += now - segment_start
+        del it  # end this epoch's iterator (and its workers, unless persistent) before evaluating
+        record = EpochRecord(epoch, None, now - epoch_start)
+        if step is not None:
+            (train_loss,) = all_reduce_values([loss_sum.item() / max(epoch_steps, 1)], device)
+            record.train_loss = train_loss / world_size
+        if end_epoch is not None and end_epoch(record):
+            result.stopped_early = done = True
+        result.epochs.append(record)
+        if rank == 0:
+            if step is None:
+                log(f"epoch {epoch}: {steps} {what}, {record.train_seconds:.1f}s")
+            else:
+                val = "" if record.val_loss is None else \
+                    f"  val loss {record.val_loss:.4f}  val acc {record.val_accuracy:.3f}"
+                log(f"epoch {epoch}: train loss {record.train_loss:.4f}  {record.train_seconds:.1f}s{val}")
+        if done:
+            break
+    total_images = all_reduce_values([measured_images], device)[0]
+    max_seconds = all_reduce_values([measured_seconds], device, op=dist.ReduceOp.MAX if world_size > 1 else None)[0]
+    result.steps = steps
+    result.measured_images = int(total_images)
+    result.measured_seconds = max_seconds
+    result.images_per_second = total_images / max_seconds if max_seconds > 0 else math.nan
+    result.compute = clock.seconds()
+    result.data_wait = data_wait
+    result.step_time = step_time
+    return result
+
+
 def train(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, device: torch.device, log=print) -> TrainResult:
+    """``measure`` with a training step, evaluation after each epoch and early stopping."""
     rank, world_size = _world()
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     net = model.to(device, memory_format=memory_format)
@@ -164,145 +249,32 @@ def train(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, device: 
         train_model, eval_model = torch.compile(train_model), torch.compile(net)
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")  # bf16 needs no loss scaling
-    clock = _StepClock(device)
-    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
 
-    step = 0
-    measured_images = 0
-    measured_seconds = 0.0
-    segment_start: float | None = None
-    data_wait, step_time = [], []
-    best_loss, bad_epochs = math.inf, 0
-    result = TrainResult(0.0, 0, 0.0, 0)
-    done = False
-    for epoch in range(cfg.epochs):
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
-        train_model.train()
-        loss_sum = torch.zeros((), device=device)
-        epoch_steps = 0
-        epoch_start = time.perf_counter()
-        it = iter(train_loader)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                images, labels = next(it)
-            except StopIteration:
-                break
-            t1 = time.perf_counter()
-            if labels.shape[0] < 2 and has_batchnorm:
-                raise TrainError(f"step {step}: a training batch of {labels.shape[0]} sample(s) cannot train "
-                                 "BatchNorm; use a larger batch size (or fewer skipped samples)")
-            begin = clock.start()
-            with _autocast(cfg, device):
-                loss = nn.functional.cross_entropy(train_model(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach().float()
-            step += 1
-            epoch_steps += 1
-            if step == cfg.warmup_steps:  # the measured window opens after warm-up
-                clock.sync()
-                segment_start = time.perf_counter()
-            elif step > cfg.warmup_steps:
-                clock.stop(begin)
-                measured_images += labels.shape[0]
-                data_wait.append(t1 - t0)
-                step_time.append(time.perf_counter() - t0)
-            if cfg.max_steps is not None and step >= cfg.max_steps:
-                done = True
-                break
-        del it  # end this epoch's iterator (and its workers, unless persistent) before evaluating
-        clock.sync()
-        now = time.perf_counter()
-        if segment_start is not None:
-            measured_seconds += now - segment_start
-        (train_loss,) = all_reduce_values([loss_sum.item() / max(epoch_steps, 1)], device)
-        record = EpochRecord(epoch, train_loss / world_size, now - epoch_start)
+    def step(images, labels):
+        with _autocast(cfg, device):
+            loss = nn.functional.cross_entropy(train_model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss.detach().float()
+
+    step.has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    best = {"loss": math.inf, "bad_epochs": 0}
+
+    def end_epoch(record: EpochRecord) -> bool:
         if val_loader is not None:
             eval_start = time.perf_counter()
             record.val_loss, record.val_accuracy = evaluate(eval_model, val_loader, cfg, device)
             record.eval_seconds = time.perf_counter() - eval_start
-        result.epochs.append(record)
-        if rank == 0:
-            val = "" if record.val_loss is None else f"  val loss {record.val_loss:.4f}  val acc {record.val_accuracy:.3f}"
-            log(f"epoch {epoch}: train loss {record.train_loss:.4f}  {record.train_seconds:.1f}s{val}")
-        if segment_start is not None:
-            segment_start = time.perf_counter()  # evaluation is not training time
-        if cfg.patience and record.val_loss is not None:
-            if record.val_loss < best_loss - cfg.min_delta:
-                best_loss, bad_epochs = record.val_loss, 0
-            else:
-                bad_epochs += 1
-                if bad_epochs >= cfg.patience:  # val loss is all-reduced: every rank stops together
-                    result.stopped_early = True
-                    done = True
-        if done:
-            break
+        train_model.train()
+        if not cfg.patience or record.val_loss is None:
+            return False
+        if record.val_loss < best["loss"] - cfg.min_delta:
+            best.update(loss=record.val_loss, bad_epochs=0)
+            return False
+        best["bad_epochs"] += 1
+        return best["bad_epochs"] >= cfg.patience  # val loss is all-reduced: every rank stops together
 
-    total_images, max_seconds = all_reduce_values([measured_images], device)[0], all_reduce_values(
-        [measured_seconds], device, op=dist.ReduceOp.MAX if world_size > 1 else None
-    )[0]
-    result.steps = step
-    result.measured_images = int(total_images)
-    result.measured_seconds = max_seconds
-    result.images_per_second = total_images / max_seconds if max_seconds > 0 else math.nan
-    result.compute = clock.seconds()
-    result.data_wait = data_wait
-    result.step_time = step_time
-    return result
-
-
-def drain(train_loader, cfg: TrainConfig, device: torch.device, log=print) -> TrainResult:
-    """Loader only: fetch batches with no model (the figure FFCV and the loader-landscape papers
-    publish). Same window as ``train``: images / wall time after ``warmup_steps`` batches, all ranks."""
-    rank, world_size = _world()
-    clock = _StepClock(device)
-    step, measured_images, measured_seconds = 0, 0, 0.0
-    segment_start = None
-    waits: list[float] = []
-    result = TrainResult(0.0, 0, 0.0, 0)
-    done = False
-    for epoch in range(cfg.epochs):
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
-        epoch_start = time.perf_counter()
-        it = iter(train_loader)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                _, labels = next(it)
-            except StopIteration:
-                break
-            step += 1
-            if step == cfg.warmup_steps:
-                clock.sync()  # asynchronous copies of the warm-up batches end inside the warm-up
-                segment_start = time.perf_counter()
-            elif step > cfg.warmup_steps:
-                measured_images += labels.shape[0]
-                waits.append(time.perf_counter() - t0)
-            if cfg.max_steps is not None and step >= cfg.max_steps:
-                done = True
-                break
-        del it
-        clock.sync()  # a batch counts once its copy to the device has finished
-        now = time.perf_counter()
-        if segment_start is not None:
-            measured_seconds += now - segment_start
-            segment_start = now
-        result.epochs.append(EpochRecord(epoch, None, now - epoch_start))  # no model, no loss
-        if rank == 0:
-            log(f"epoch {epoch}: {step} batches fetched, {now - epoch_start:.1f}s")
-        if done:
-            break
-    total_images = all_reduce_values([measured_images], device)[0]
-    max_seconds = all_reduce_values([measured_seconds], device, op=dist.ReduceOp.MAX if world_size > 1 else None)[0]
-    result.steps = step
-    result.measured_images = int(total_images)
-    result.measured_seconds = max_seconds
-    result.images_per_second = total_images / max_seconds if max_seconds > 0 else math.nan
-    result.data_wait = waits
-    result.step_time = list(waits)
-    return result
+    train_model.train()
+    return measure(train_loader, cfg, device, step=step, end_epoch=end_epoch, log=log)

@@ -1,29 +1,26 @@
 """`bench tune`: the worker / thread / prefetch settings that make a backend fastest here.
 
 Two stages, each a set of short `bench run --loader-only` trials (or end to end with --end-to-end):
-first the parallelism knob (workers or threads) over 1, 2, 4, ... up to the cores, then the
-prefetch depth at the best of those. Prints the winner as the options to pass.
+first the backend's parallelism knob (workers or threads) over 1, 2, 4, ... up to the cores, then
+its prefetch depth at the best of those. Prints the winner as the options to pass. The knobs and
+the values worth trying are the backend's own (``Backend.knobs``, ``prefetch_values``).
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import statistics
 import time
 from pathlib import Path
 
+from loaders.stored import write_json
+
+from ..errors import BenchError
 from .launch import run_trial
-
-# backend: (parallelism option, prefetch option, prefetch values)
-KNOBS = {
-    "torch": ("num_workers", "prefetch_factor", (2, 4, 8)),
-    "wds": ("num_workers", "prefetch_factor", (2, 4, 8)),
-    "dali": ("num_threads", "prefetch_queue_depth", (1, 2, 3, 4)),
-    "ffcv": ("num_workers", "batches_ahead", (1, 2, 3, 5)),
-}
+from .spec import RunSpec, format_value
 
 
-class TuneError(Exception):
+class TuneError(BenchError):
     pass
 
 
@@ -37,27 +34,28 @@ def candidates(cores: int, with_zero: bool) -> list[int]:
     return ([0] if with_zero else []) + sorted(set(xs))
 
 
-def tune(loader: str, common: list[str], out: Path, command: list[str], trials: int = 1, end_to_end: bool = False,
+def tune(spec: RunSpec, out: Path, command: list[str], trials: int = 1, end_to_end: bool = False,
          max_workers: int | None = None, log=print) -> dict:
-    if loader not in KNOBS:
-        raise TuneError(f"bench tune knows {', '.join(KNOBS)}; {loader!r} has nothing to tune")
-    par, pre, pre_values = KNOBS[loader]
+    backend = spec.backend
+    par, pre = backend.knobs.get("workers"), backend.knobs.get("prefetch")
+    if par is None:
+        raise TuneError(f"loader {spec.loader!r} has no parallelism knob: nothing to tune")
     cores = max_workers or os.cpu_count() or 1
     mode = "end to end" if end_to_end else "loader only"
-    base = ["--loader", loader, *common] + ([] if end_to_end else ["--loader-only"])
+    base = dataclasses.replace(spec, loader_only=not end_to_end)
     runs = out / "runs"
     tried: list[dict] = []
 
     def measure(opts: dict, label: str) -> float | None:
-        argv = base + [a for k, v in opts.items() for a in ("-o", f"{k}={v}")] + ["--label", label]
+        trial_spec = dataclasses.replace(base.with_options(**opts), label=label)
         rates = []
         for _ in range(trials):
-            t = run_trial(argv, runs)
+            t = run_trial(trial_spec, runs)
             if t.path is None:
                 log(f"tune: {opts or 'defaults'}: failed: {t.error}")
                 tried.append({"options": opts, "error": t.error})
                 return None
-            rates.append(t.result["metrics"]["images_per_second"])
+            rates.append(t.result.ips)
         ips = statistics.median(rates)
         tried.append({"options": opts, "images_per_second": ips, "trials": rates})
         log(f"tune: {', '.join(f'{k}={v}' for k, v in opts.items()) or 'defaults'}: {ips:,.1f} img/s ({mode})")
@@ -66,7 +64,7 @@ def tune(loader: str, common: list[str], out: Path, command: list[str], trials: 
     default_ips = measure({}, "tune-defaults")
     best_opts, best_ips = {}, default_ips or 0.0
     stage1 = {}
-    for n in candidates(cores, with_zero=loader in ("torch", "wds")):
+    for n in candidates(cores, with_zero=backend.min_workers == 0):
         ips = measure({par: n}, f"tune-{par}")
         if ips is not None:
             stage1[n] = ips
@@ -74,18 +72,17 @@ def tune(loader: str, common: list[str], out: Path, command: list[str], trials: 
         n = max(stage1, key=stage1.get)
         if stage1[n] > best_ips:
             best_opts, best_ips = {par: n}, stage1[n]
-        if not (loader in ("torch", "wds") and n == 0):  # prefetching needs workers
-            for v in pre_values:
+        if pre and n > 0:  # prefetching needs workers
+            for v in backend.prefetch_values:
                 ips = measure({par: n, pre: v}, f"tune-{pre}")
                 if ips is not None and ips > best_ips:
                     best_opts, best_ips = {par: n, pre: v}, ips
     if not tried or all("error" in t for t in tried):
-        raise TuneError(f"every {loader} run failed; last error: {tried[-1]['error'] if tried else 'none ran'}")
+        raise TuneError(f"every {spec.loader} run failed; last error: {tried[-1]['error'] if tried else 'none ran'}")
     doc = {"schema": "loaderbench.tune/1", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
-           "loader": loader, "mode": mode, "tried": tried, "default_ips": default_ips, "best_options": best_opts,
-           "best_args": [a for k, v in best_opts.items() for a in ("-o", f"{k}={v}")], "best_ips": best_ips}
+           "loader": spec.loader, "mode": mode, "tried": tried, "default_ips": default_ips, "best_options": best_opts,
+           "best_args": [a for k, v in best_opts.items() for a in ("-o", f"{k}={format_value(v)}")],
+           "best_ips": best_ips}
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".tune.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(out / "tune.json")
+    write_json(out / "tune.json", doc)
     return doc

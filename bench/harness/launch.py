@@ -3,6 +3,7 @@
 workers, compiled graphs, DALI pipelines or FFCV thread settings."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -11,27 +12,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import result as results
+from .spec import RunSpec
 
 
 @dataclass
 class Trial:
-    argv: list[str]  # the `bench run` arguments
+    spec: RunSpec
     path: Path | None = None  # the result written, when it succeeded
     error: str | None = None  # the child's last error line otherwise
     seconds: float = 0.0
-    result: dict | None = field(default=None, repr=False)
+    result: results.Result | None = field(default=None, repr=False)
 
 
-def run_trial(argv: list[str], out: Path, timeout: float = 900, env: dict | None = None) -> Trial:
-    """``bench run ARGV --out OUT`` in a child; the new result file in OUT is the trial's."""
+def run_trial(spec: RunSpec, out: Path, timeout: float = 900, env: dict | None = None) -> Trial:
+    """``bench run`` of ``spec`` in a child, writing into OUT; the new result file there is the trial's."""
     out.mkdir(parents=True, exist_ok=True)
     before = set(out.glob("*.json"))
-    cmd = [sys.executable, "-m", "bench.cli", "run", *argv, "--out", str(out)]
+    cmd = [sys.executable, "-m", "bench.cli", "run", *dataclasses.replace(spec, out=str(out)).to_argv()]
     child_env = {**os.environ, **(env or {})}
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):  # a child under our launcher is not one of its ranks
         child_env.pop(var, None)
     start = time.perf_counter()
-    trial = Trial(argv=list(argv))
+    trial = Trial(spec=spec)
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env)
     except subprocess.TimeoutExpired:

@@ -1,8 +1,7 @@
 """`bench data convert`: an ImageFolder root (train/, val/) to another storage format.
 
-``--to ffcv`` writes ``train.beton`` and ``val.beton`` (each with its manifest); ``--to wds`` writes
-``train/`` and ``val/`` folders of tar shards (each with its manifest); ``--to folder``
-writes a resized copy of the ImageFolder, so that every backend can read images stored at the
+``--to BACKEND`` writes that backend's stored format (ffcv: ``train.beton``, ``val.beton``; wds:
+``train/``, ``val/`` folders of tar shards; each with its manifest); ``--to folder`` writes a resized copy of the ImageFolder, so that every backend can read images stored at the
 same resolution and quality (storage resolution dominates decode cost: compare like with like).
 Every output is written under a temporary name and renamed when complete.
 """
@@ -15,11 +14,14 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-from loaders.contract import LoaderError, scan_imagefolder, temp_output
+from loaders.contract import LoaderError, scan_imagefolder
+from loaders.pil import decode_rgb, shrink
+from loaders.stored import temp_output
+
+from .synth import MANIFEST
 
 SPLITS = ("train", "val")
 FOLDER_MANIFEST = "storage.json"
-WDS_MANIFEST = "manifest.json"  # loaders.wds.MANIFEST (kept here so the harness need not import webdataset)
 
 
 def splits_of(root: Path) -> list[str]:
@@ -43,40 +45,21 @@ def _tidy_on_failure(out: Path):
         raise
 
 
-def to_ffcv(root: Path, out: Path, storage, workers: int | None = None) -> list[dict]:
-    from loaders.ffcv import convert_beton
-
+def to_backend(backend, root: Path, out: Path, opts, workers: int | None = None) -> list[str]:
+    """Every split of ``root`` in ``backend``'s stored format under ``out`` (each split written
+    atomically by the backend); the summary line of each."""
     splits = splits_of(root)
     with _tidy_on_failure(out):
         out.mkdir(parents=True, exist_ok=True)
-        return [convert_beton(root / s, out / f"{s}.beton", storage, workers=workers) for s in splits]
-
-
-def to_wds(root: Path, out: Path, sharding, workers: int | None = None) -> list[dict]:
-    """``out/train`` and ``out/val``: tar shards and their manifests (each split written atomically)."""
-    from loaders.wds import convert_shards
-
-    splits = splits_of(root)
-    taken = [out / s for s in splits if (out / s).exists()]
-    if taken:
-        raise LoaderError(f"--out {out}: {taken[0]} exists; choose a new folder")
-    with _tidy_on_failure(out):
-        return [convert_shards(root / s, out / s, sharding, workers=workers) for s in splits]
+        return [backend.convert(root / s, out, opts, workers)[1] for s in splits]
 
 
 def _resize_one(args) -> tuple[int, int, int]:
     src, dst, max_resolution, quality = args
-    from PIL import Image
-
     try:
-        with Image.open(src) as im:
-            image = im.convert("RGB")
+        image = shrink(decode_rgb(src), max_resolution)
     except Exception as exc:
         raise LoaderError(f"cannot convert {src}: {type(exc).__name__}: {exc}") from None
-    scale = max_resolution / max(image.size)
-    if scale < 1:  # never upscale
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                             Image.Resampling.LANCZOS)
     image.save(dst, "JPEG", quality=quality)
     return os.path.getsize(dst), image.width, image.height
 
@@ -109,3 +92,33 @@ def to_folder(root: Path, out: Path, max_resolution: int, quality: int, workers:
         (tmp / FOLDER_MANIFEST).write_text(json.dumps(manifest, indent=1))
         os.rename(tmp, out)
     return manifest
+
+
+def folder_storage(root: Path) -> dict:
+    """An ImageFolder split's storage resolution and size, from the generator's or `--to folder`'s
+    manifest, or else a sample of file headers."""
+    manifest = root.parent / MANIFEST
+    if manifest.is_file():
+        m = json.loads(manifest.read_text())
+        return {"source": "generated", "mean_width": m["mean_width"], "mean_height": m["mean_height"],
+                "mean_bytes": m["mean_bytes"], "jpeg_quality": m["spec"]["quality"], "spec": m["spec"]}
+    resized = root.parent / FOLDER_MANIFEST
+    if resized.is_file():
+        m = json.loads(resized.read_text())
+        return {"source": "bench data convert --to folder", "mean_width": m["mean_width"],
+                "mean_height": m["mean_height"], "mean_bytes": m["mean_bytes"], "jpeg_quality": m["jpeg_quality"],
+                "max_resolution": m["max_resolution"]}
+    from PIL import Image
+
+    index = scan_imagefolder(root)
+    picks = index.paths[:: max(1, len(index) // 32)][:32]
+    sizes = []
+    for p in picks:
+        try:
+            with Image.open(p) as im:
+                sizes.append((im.width, im.height, os.path.getsize(p)))
+        except Exception:
+            continue
+    w, h, b = (sum(col) / len(col) for col in zip(*sizes)) if sizes else (None, None, None)
+    return {"source": "sampled headers", "files_sampled": len(sizes), "mean_width": w, "mean_height": h,
+            "mean_bytes": b, "jpeg_quality": None}

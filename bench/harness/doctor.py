@@ -6,54 +6,33 @@ alone for every other installed backend, so the advice names the numbers behind 
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from loaders.registry import BACKENDS
+from loaders import backends, get_backend
+from loaders.stored import write_json
 
+from ..errors import BenchError
 from .launch import run_trial
-from .sweep import Stack, loader_args
+from .spec import RunSpec
 
 INPUT_BOUND = 0.9  # the loader alone below 90% of the model's own rate: the model waits for data
 
 
-@dataclass
-class Probe:
-    loader: str = "torch"
-    model: str = "small"
-    data: str | None = None
-    batch_size: int = 64
-    image_size: int = 224
-    steps: int = 30
-    workers: int = 0  # 0: min(cores, 8)
-    amp: str = "off"
-    channels_last: bool = False
-    options: list[str] = field(default_factory=list)  # extra -o KEY=VALUE for the loader under test
-
-
-def _common(p: Probe) -> list[str]:
-    a = ["--model", p.model, "--batch-size", str(p.batch_size), "--image-size", str(p.image_size),
-         "--steps", str(p.steps), "--no-eval"]
-    if p.data:
-        a += ["--data", p.data]
-    if p.amp != "off":
-        a += ["--amp", p.amp]
-    if p.channels_last:
-        a.append("--channels-last")
-    return a
-
-
-def _loader(name: str, workers: int, extra: list[str] | None = None) -> list[str]:
-    pin = torch.cuda.is_available() and name in ("torch", "wds")
-    opts = loader_args(Stack(loader=name, workers=workers, pin_memory=pin), workers)
-    for item in extra or []:
-        opts += ["-o", item]
-    return ["--loader", name, *opts]
+def probe_spec(spec: RunSpec, loader: str, workers: int, cuda: bool) -> RunSpec:
+    """``spec`` on ``loader`` with ``workers`` and, on CUDA, pinned memory; for the loader under test
+    the options given on the command line win over these."""
+    probe = spec.with_loader(loader, workers=workers, pin_memory=cuda)
+    if loader == spec.loader:
+        defaults = type(spec.options)()
+        given = {f.name: getattr(spec.options, f.name) for f in dataclasses.fields(spec.options)
+                 if getattr(spec.options, f.name) != getattr(defaults, f.name)}
+        probe = probe.with_options(**given)
+    return dataclasses.replace(probe, eval=False)
 
 
 def verdict(loader: str, ceiling: float, end_to_end: float, loader_only: float, data_wait: float | None,
@@ -71,7 +50,7 @@ def verdict(loader: str, ceiling: float, end_to_end: float, loader_only: float, 
         better = sorted(((v, k) for k, v in alternatives.items() if v > 1.1 * loader_only), reverse=True)
         for v, k in better:
             tries.append(f"--loader {k}: {v:,.1f} img/s alone here, {v / loader_only:.1f}x the {loader} loader")
-        if loader in ("torch", "wds") and workers < cores:
+        if "workers" in get_backend(loader, installed=False).knobs and workers < cores:
             tries.append(f"more workers: {workers} of {cores} cores in use (bench tune --loader {loader})")
         if not tries:
             tries.append(f"bench tune --loader {loader} (workers, prefetch); smaller stored images "
@@ -92,49 +71,48 @@ def verdict(loader: str, ceiling: float, end_to_end: float, loader_only: float, 
     return "\n".join(lines), tries
 
 
-def diagnose(p: Probe, out: Path, command: list[str], quick: bool = False, log=print) -> dict:
+def diagnose(spec: RunSpec, out: Path, command: list[str], workers: int = 0, quick: bool = False, log=print) -> dict:
     runs = out / "runs"
     cores = os.cpu_count() or 1
-    workers = p.workers or min(cores, 8)
+    workers = workers or min(cores, 8)
     cuda = torch.cuda.is_available()
-    common = _common(p)
-    probes = {"ceiling": ["--loader", "synthetic", *common],
-              "end_to_end": [*_loader(p.loader, workers, p.options), *common],
-              "loader_only": [*_loader(p.loader, workers, p.options), *common, "--loader-only"]}
+    ceiling = next(b.name for b in backends() if b.is_ceiling)
+    tested = probe_spec(spec, spec.loader, workers, cuda)
+    probes = {"ceiling": dataclasses.replace(spec.with_loader(ceiling), eval=False),
+              "end_to_end": tested,
+              "loader_only": dataclasses.replace(tested, loader_only=True)}
     if not quick:
-        for name, b in BACKENDS.items():
-            if name not in ("synthetic", p.loader) and b.installed:
-                probes[f"alt_{name}"] = [*_loader(name, workers), *common, "--loader-only"]
+        for b in backends():
+            if not b.is_ceiling and b.name != spec.loader and b.installed:
+                probes[f"alt_{b.name}"] = dataclasses.replace(probe_spec(spec, b.name, workers, cuda), loader_only=True)
     measured, errors, files = {}, {}, {}
-    for key, argv in probes.items():
+    for key, probe in probes.items():
         log(f"doctor: {key.replace('_', ' ')} ...")
-        t = run_trial(argv + ["--label", f"doctor-{key}"], runs)
+        t = run_trial(dataclasses.replace(probe, label=f"doctor-{key}"), runs)
         if t.path is None:
             errors[key] = t.error
             log(f"doctor: {key}: failed: {t.error}")
             continue
         files[key] = str(t.path.relative_to(out))
-        measured[key] = t.result["metrics"]
+        measured[key] = t.result.metrics
     for key in ("ceiling", "end_to_end", "loader_only"):
         if key not in measured:
             raise DoctorError(f"the {key.replace('_', ' ')} probe failed: {errors.get(key)}")
-    alts = {k[4:]: m["images_per_second"] for k, m in measured.items() if k.startswith("alt_")}
-    text, tries = verdict(p.loader, measured["ceiling"]["images_per_second"],
-                          measured["end_to_end"]["images_per_second"], measured["loader_only"]["images_per_second"],
-                          measured["end_to_end"]["data_wait_share"], alts, cuda, p.amp, workers, cores)
+    alts = {k[4:]: m.images_per_second for k, m in measured.items() if k.startswith("alt_")}
+    text, tries = verdict(spec.loader, measured["ceiling"].images_per_second,
+                          measured["end_to_end"].images_per_second, measured["loader_only"].images_per_second,
+                          measured["end_to_end"].data_wait_share, alts, cuda, spec.amp, workers, cores)
     if tries:
         text += "\ntry first: " + tries[0] + "".join(f"\nthen: {t}" for t in tries[1:])
     failed = "".join(f"\nnot measured: {k} ({v})" for k, v in errors.items())
     doc = {"schema": "loaderbench.doctor/1", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
-           "probe": asdict(p), "workers": workers, "results": files,
-           "images_per_second": {k: m["images_per_second"] for k, m in measured.items()},
+           "probe": spec.record(), "workers": workers, "results": files,
+           "images_per_second": {k: m.images_per_second for k, m in measured.items()},
            "verdict": text + failed, "try": tries}
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".doctor.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(out / "doctor.json")
+    write_json(out / "doctor.json", doc)
     return doc
 
 
-class DoctorError(Exception):
+class DoctorError(BenchError):
     pass

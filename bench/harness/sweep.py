@@ -5,16 +5,16 @@ autograd on) each technique is switched on in turn on top of the ones kept so fa
 set of `bench run` trials in fresh processes. A technique is kept for the steps after it when it
 made training faster (`--keep-all` keeps every one): the ladder then ends on the best stack this
 machine found. Backend swaps are alternatives measured against the same stack; the fastest one is
-carried on when it beats the `torch` loader. Early stopping and inference-mode evaluation change
+carried on when it beats the baseline's loader. Early stopping and inference-mode evaluation change
 time to accuracy and evaluation time, not images/s, and are measured as such.
 
-Figures are not stored here: `sweep.json` records the plan and which result files belong to which
-step, and `bench report` computes every figure from the results themselves.
+Every step is a RunSpec derived with ``dataclasses.replace`` from the last one kept. Figures are not
+stored here: `sweep.json` records the plan and which result files belong to which step, and
+`bench report` computes every figure from the results themselves.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import statistics
 import time
@@ -23,96 +23,80 @@ from pathlib import Path
 
 import torch
 
-from loaders.registry import BACKENDS
+from loaders import backends
+from loaders.stored import write_json
 
+from ..errors import BenchError
 from .launch import Trial, run_trial
+from .spec import RunSpec
 
 SCHEMA = "loaderbench.sweep/1"
-TECHNIQUES = ("workers", "pin_memory", "persistent", "device_normalize", "amp", "channels_last", "compile",
-              "inference_eval", "dali", "ffcv", "wds", "ddp", "early_stop")
-SWAPS = ("dali", "ffcv", "wds")
+BEFORE_SWAPS = ("workers", "pin_memory", "persistent", "device_normalize", "amp", "channels_last", "compile",
+                "inference_eval")
+AFTER_SWAPS = ("ddp", "early_stop")
 
 
-class SweepError(Exception):
+def swaps(base: str = "torch") -> tuple[str, ...]:
+    """Every other registered backend that reads data: the loader swaps."""
+    return tuple(b.name for b in backends() if not b.is_ceiling and b.name != base)
+
+
+def techniques(base: str = "torch") -> tuple[str, ...]:
+    return BEFORE_SWAPS + swaps(base) + AFTER_SWAPS
+
+
+class SweepError(BenchError):
     pass
 
 
-@dataclass
+@dataclass(frozen=True)
 class Stack:
-    """The configuration a step runs: everything `bench run` needs to know."""
+    """What a step runs: the model-side settings live in the spec; the loader-side techniques are
+    kept apart so that a backend swap carries them into the new backend's own options."""
 
-    loader: str = "torch"
+    spec: RunSpec
     workers: int = 0
     pin_memory: bool = False
     persistent: bool = False
-    prefetch_factor: int | None = None
+    prefetch: int | None = None
     device_normalize: bool = False
-    amp: str = "off"
-    channels_last: bool = False
-    compile: bool = False
-    eval_inference_mode: bool = False  # the naive baseline evaluates with autograd on
     ranks: int = 1
 
-    def argv(self, s: "Settings") -> list[str]:
-        a = ["--loader", self.loader, "--model", s.model, "--batch-size", str(s.batch_size),
-             "--image-size", str(s.image_size), "--seed", str(s.seed), "--warmup-steps", str(s.warmup_steps)]
-        if s.data:
-            a += ["--data", s.data]
-        if self.amp != "off":
-            a += ["--amp", self.amp]
-        if self.channels_last:
-            a.append("--channels-last")
-        if self.compile:
-            a.append("--compile")
-        if not self.eval_inference_mode:
-            a.append("--eval-with-autograd")
-        if self.ranks > 1:
-            a += ["--gpus" if s.cuda else "--cpu-ranks", str(self.ranks)]
+    def run_spec(self, cuda: bool) -> RunSpec:
         workers = max(1, self.workers // self.ranks) if self.workers else 0  # the cores are shared by the ranks
-        a += loader_args(self, workers)
-        return a
+        spec = self.spec.with_loader(self.spec.loader, workers=workers, pin_memory=self.pin_memory,
+                                     persistent=self.persistent, prefetch=self.prefetch,
+                                     device_normalize=self.device_normalize)
+        if self.ranks > 1:
+            spec = dataclasses.replace(spec, **({"gpus": self.ranks} if cuda else {"cpu_ranks": self.ranks}))
+        return spec
 
-
-def loader_args(stack: Stack, workers: int) -> list[str]:
-    """Each backend's own name for the same knob: worker processes, threads, pinned copies."""
-    if stack.loader in ("torch", "wds"):
-        a = ["-o", f"num_workers={workers}"]
-        if stack.pin_memory:
-            a += ["-o", "pin_memory=true"]
-        if stack.persistent and workers and stack.loader == "torch":  # wds keeps no workers between epochs
-            a += ["-o", "persistent_workers=true"]
-        if stack.prefetch_factor and workers:
-            a += ["-o", f"prefetch_factor={stack.prefetch_factor}"]
-        if stack.device_normalize:
-            a += ["-o", "device_normalize=true"]
-        return a
-    if stack.loader == "dali":
-        return ["-o", f"num_threads={max(1, workers)}"]
-    if stack.loader == "ffcv":
-        return ["-o", f"num_workers={max(1, workers)}"]
-    return []
+    def replace(self, **change) -> "Stack":
+        spec_change = {k: change.pop(k) for k in list(change) if k in RunSpec.__dataclass_fields__}
+        return dataclasses.replace(self, spec=dataclasses.replace(self.spec, **spec_change), **change)
 
 
 @dataclass
 class Settings:
-    model: str = "small"
-    data: str | None = None
-    batch_size: int = 64
-    image_size: int = 224
-    steps: int = 30  # past one epoch of the default set, so epoch boundaries (worker restarts) count
-    warmup_steps: int = 5
+    spec: RunSpec = field(default_factory=lambda: RunSpec(steps=30))  # the model, data and step budget
     trials: int = 2
     ceiling_trials: int = 1
-    seed: int = 0
     workers: int = 0  # 0: min(cores, 8)
     ranks: int = 0  # 0: the GPUs, or 2 CPU ranks without CUDA
     amp: str = "auto"  # auto: bf16 where supported, else fp16 on CUDA; bf16 on the CPU
     early_stop_epochs: int = 3
     target_accuracy: float = 0.6
     keep_all: bool = False
-    techniques: tuple[str, ...] = TECHNIQUES
+    techniques: tuple[str, ...] | None = None  # None: all
     cuda: bool = False
     trial_timeout: float = 900.0
+
+    def record(self) -> dict:
+        """As sweep.json records them: the ladder's settings and the base spec's model and budget."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "spec"}
+        s = self.spec
+        return {**d, "model": s.model, "data": s.data, "batch_size": s.batch_size, "image_size": s.image_size,
+                "steps": s.steps, "warmup_steps": s.warmup_steps, "seed": s.seed, "spec": s.to_argv()}
 
 
 @dataclass
@@ -138,13 +122,15 @@ def default_workers() -> int:
 def resolve(s: Settings) -> Settings:
     s = dataclasses.replace(s)
     s.cuda = torch.cuda.is_available()
-    unknown = [t for t in s.techniques if t not in TECHNIQUES]
+    known = techniques(s.spec.loader)
+    s.techniques = tuple(s.techniques or known)
+    unknown = [t for t in s.techniques if t not in known]
     if unknown:
-        raise SweepError(f"unknown technique(s) {', '.join(unknown)}; known: {', '.join(TECHNIQUES)}")
+        raise SweepError(f"unknown technique(s) {', '.join(unknown)}; known: {', '.join(known)}")
     if s.trials < 1 or s.ceiling_trials < 0:
         raise SweepError("--trials must be >= 1 and --ceiling-trials >= 0")
-    if s.steps <= s.warmup_steps:
-        raise SweepError(f"--steps {s.steps} leaves nothing to measure after {s.warmup_steps} warm-up steps")
+    if s.spec.steps is None or s.spec.steps <= s.spec.warmup_steps:
+        raise SweepError(f"--steps {s.spec.steps} leaves nothing to measure after {s.spec.warmup_steps} warm-up steps")
     if s.workers < 0:
         raise SweepError(f"--workers must be >= 0, got {s.workers}")
     s.workers = s.workers or default_workers()
@@ -159,8 +145,8 @@ def resolve(s: Settings) -> Settings:
     return s
 
 
-def _median_ips(trials: list[dict]) -> float | None:
-    v = [r["metrics"]["images_per_second"] for r in trials]
+def _median_ips(trials) -> float | None:
+    v = [r.ips for r in trials]
     return statistics.median(v) if v else None
 
 
@@ -177,25 +163,22 @@ class Sweep:
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _record(self) -> None:
-        doc = {
+        write_json(self.out / "sweep.json", {
             "schema": SCHEMA,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "command": self.command,
-            "settings": dataclasses.asdict(self.s),
+            "settings": self.s.record(),
             "steps": [dataclasses.asdict(st) for st in self.steps],
             "ceilings": self.ceilings,
-        }
-        tmp = self.out / ".sweep.json.tmp"
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, self.out / "sweep.json")  # a reader never sees half a file
+        })
 
-    def _trials(self, step: Step, stack: Stack, extra: list[str], n: int) -> list[dict]:
-        argv = stack.argv(self.s) + extra + ["--label", step.key]
-        step.argv = argv
+    def _trials(self, step: Step, stack: Stack, n: int):
+        spec = dataclasses.replace(stack.run_spec(self.s.cuda), label=step.key)
+        step.argv = spec.to_argv()
         start = time.perf_counter()
         got = []
         for i in range(n):
-            t: Trial = run_trial(argv, self.runs, timeout=self.s.trial_timeout)
+            t: Trial = run_trial(spec, self.runs, timeout=self.s.trial_timeout)
             if t.path is None:
                 step.errors.append(t.error or "failed")
                 self.log(f"  {step.key} trial {i + 1}: FAILED: {t.error}")
@@ -204,7 +187,7 @@ class Sweep:
             step.results.append(rel)
             self.loaded[rel] = t.result
             got.append(t.result)
-            self.log(f"  {step.key} trial {i + 1}: {t.result['metrics']['images_per_second']:.1f} img/s")
+            self.log(f"  {step.key} trial {i + 1}: {t.result.ips:.1f} img/s")
         step.seconds = time.perf_counter() - start
         step.status = "ok" if got else "failed"
         if not got:
@@ -215,14 +198,16 @@ class Sweep:
         """Synthetic-loader runs with this stack's model settings: the rate without any input cost."""
         if not self.s.ceiling_trials:
             return None
-        key = f"ceiling-{stack.amp}-{'cl' if stack.channels_last else 'nchw'}-" \
-              f"{'compiled' if stack.compile else 'eager'}-{stack.ranks}r"
+        spec = stack.spec
+        key = f"ceiling-{spec.amp}-{'cl' if spec.channels_last else 'nchw'}-" \
+              f"{'compiled' if spec.compile else 'eager'}-{stack.ranks}r"
         if key not in self.ceilings:
-            ceiling = dataclasses.replace(stack, loader="synthetic", workers=0, pin_memory=False, persistent=False,
-                                          prefetch_factor=None, device_normalize=False)
-            step = Step(key, "synthetic ceiling", "ceiling")
-            self.log(f"{key}: the synthetic ceiling for these model settings")
-            self._trials(step, ceiling, ["--steps", str(self.s.steps), "--no-eval"], self.s.ceiling_trials)
+            loader = next(b.name for b in backends() if b.is_ceiling)
+            ceiling = Stack(dataclasses.replace(spec.with_loader(loader), eval=False, epochs=None,
+                                                steps=self.s.spec.steps), ranks=stack.ranks)
+            step = Step(key, f"{loader} ceiling", "ceiling")
+            self.log(f"{key}: the {loader} ceiling for these model settings")
+            self._trials(step, ceiling, self.s.ceiling_trials)
             self.ceilings[key] = step.results
         return key
 
@@ -236,10 +221,10 @@ class Sweep:
         if (self.out / "sweep.json").exists():
             raise SweepError(f"{self.out} already holds a sweep; choose a new --out (results are never overwritten)")
         s = self.s
-        steps_arg = ["--steps", str(s.steps)]
-        stack = Stack()
-        best = self._step(Step("baseline", "naive baseline: DataLoader, 0 workers, fp32, NCHW, eval with autograd",
-                               "baseline"), stack, steps_arg)
+        # the naive baseline evaluates with autograd on
+        stack = Stack(dataclasses.replace(s.spec, eval_inference_mode=False))
+        best = self._step(Step("baseline", f"naive baseline: {s.spec.loader} loader, 0 workers, fp32, NCHW, "
+                               "eval with autograd", "baseline"), stack)
         if best is None:
             self._record()
             raise SweepError(f"the baseline failed: {self.steps[-1].reason}")
@@ -255,8 +240,8 @@ class Sweep:
                 self._skip(step, needs)
                 self._record()
                 return
-            trial_stack = dataclasses.replace(stack, **change)
-            ips = self._step(step, trial_stack, steps_arg)
+            trial_stack = stack.replace(**change)
+            ips = self._step(step, trial_stack)
             if ips is None:
                 step.kept = False
             else:
@@ -271,7 +256,7 @@ class Sweep:
         technique("workers", f"DataLoader workers ({s.workers})", {"workers": s.workers})
         technique("pin_memory", "pinned host memory + non_blocking copies", {"pin_memory": True},
                   needs=None if s.cuda else "pinned memory speeds host-to-GPU copies; no CUDA here")
-        technique("persistent", "persistent workers + prefetch_factor 4", {"persistent": True, "prefetch_factor": 4},
+        technique("persistent", "persistent workers + prefetch_factor 4", {"persistent": True, "prefetch": 4},
                   needs=None if stack.workers else "needs workers (the workers step was not kept)")
         technique("device_normalize", "uint8 batches, normalised on the device", {"device_normalize": True})
         technique("amp", f"mixed precision ({s.amp})", {"amp": s.amp})
@@ -280,9 +265,9 @@ class Sweep:
         # compilation again (minutes for a ResNet), which the ladder's budget cannot afford.
         technique("compile", "torch.compile (compilation inside the warm-up steps)", {"compile": True}, carry=False)
         if "inference_eval" in s.techniques:
-            self._eval_step(stack, ref_key, steps_arg)
-            stack = dataclasses.replace(stack, eval_inference_mode=True)
-        swap = self._swaps(stack, ref_key, ref_ips, steps_arg)
+            self._eval_step(stack, ref_key)
+            stack = stack.replace(eval_inference_mode=True)
+        swap = self._swaps(stack, ref_key, ref_ips)
         if swap is not None:
             stack, ref_key, ref_ips = swap
         ddp_needs = None
@@ -295,37 +280,37 @@ class Sweep:
         self._record()
         return self.out / "sweep.json"
 
-    def _step(self, step: Step, stack: Stack, extra: list[str], trials: int | None = None) -> float | None:
+    def _step(self, step: Step, stack: Stack, trials: int | None = None) -> float | None:
         self.steps.append(step)
         self.log(f"{step.key}: {step.title}")
-        got = self._trials(step, stack, extra, trials or self.s.trials)
+        got = self._trials(step, stack, trials or self.s.trials)
         if got:
             step.ceiling = self._ceiling(stack)
         self._record()
         return _median_ips(got)
 
-    def _eval_step(self, stack: Stack, ref_key: str, steps_arg: list[str]) -> None:
+    def _eval_step(self, stack: Stack, ref_key: str) -> None:
         step = Step("inference_eval", "evaluation under torch.inference_mode", "eval", reference=ref_key)
-        self._step(step, dataclasses.replace(stack, eval_inference_mode=True), steps_arg)
+        self._step(step, stack.replace(eval_inference_mode=True))
         step.kept = step.status == "ok"
         self._record()
 
-    def _swaps(self, stack: Stack, ref_key: str, ref_ips: float, steps_arg: list[str]):
+    def _swaps(self, stack: Stack, ref_key: str, ref_ips: float):
         best = None
-        for name in SWAPS:
-            if name not in self.s.techniques:
+        for backend in backends():
+            name = backend.name
+            if name not in swaps(self.s.spec.loader) or name not in self.s.techniques:
                 continue
             step = Step(name, f"loader swap: {name}", "swap", reference=ref_key)
-            backend = BACKENDS[name]
             if not backend.installed:
                 self.steps.append(step)
-                self._skip(step, f"{name} is not installed (pip install 'loaderbench[{backend.extra}]')")
+                self._skip(step, f"{name} is not installed ({backend.install_hint()})")
                 step.kept = False
                 self._record()
                 continue
             workers = stack.workers or self.s.workers
-            swapped = dataclasses.replace(stack, loader=name, workers=workers)
-            ips = self._step(step, swapped, steps_arg)
+            swapped = stack.replace(loader=name, options=None, workers=workers)
+            ips = self._step(step, swapped)
             step.kept = False
             if ips is not None and ips > ref_ips and (best is None or ips > best[2]):
                 best = (swapped, name, ips)
@@ -343,6 +328,6 @@ class Sweep:
         # One run of every epoch, evaluated each epoch: stopping at the first epoch that reaches the
         # target would have produced exactly that run's first epochs, so time to target is read
         # from it and compared with the whole run, not extrapolated.
-        self._step(step, stack, ["--epochs", str(s.early_stop_epochs)], trials=1)
+        self._step(step, stack.replace(steps=None, epochs=s.early_stop_epochs), trials=1)
         step.kept = step.status == "ok"
         self._record()

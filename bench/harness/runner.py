@@ -1,74 +1,40 @@
-"""`bench run`: one run, in this process or as N ranks through torchrun."""
+"""`bench run`: one run of a RunSpec, in this process or as N ranks through torchrun."""
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from loaders import build_loader
-from loaders.contract import LoaderError, resolve_dtype, scan_imagefolder
-from loaders.registry import get_backend, options_for
+from loaders import backends, build_loader
+from loaders.contract import scan_imagefolder
 
-from . import envinfo, result as results
-from .models import MODELS, build_model
+from ..data.convert import folder_storage
+from ..data.synth import SynthSpec, default_dataset
+from ..errors import UsageError
+from ..trainer import MODELS, TrainConfig, TrainError, all_reduce_values, build_model, measure, train
+from . import envinfo
+from . import result as results
 from .monitor import ResourceMonitor
-from .convert import FOLDER_MANIFEST, WDS_MANIFEST
-from .synth import MANIFEST, SynthSpec, default_dataset
-from .trainer import TrainConfig, TrainError, all_reduce_values, drain, train
+from .spec import RunSpec
+
+COMMAND_ENV = "LOADERBENCH_COMMAND"  # the user's command line, handed to the ranks torchrun starts
 
 
-class UsageError(Exception):
-    """A bad command line: one line, exit 2."""
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    loader: str = "torch"
-    data: str | None = None  # ImageFolder root with train/ (and val/); None: the generated default
-    model: str = "small"
-    batch_size: int = 64
-    image_size: int = 224
-    epochs: int | None = None
-    steps: int | None = None
-    amp: str = "off"
-    channels_last: bool = False
-    compile: bool = False
-    lr: float = 0.05
-    seed: int = 0
-    warmup_steps: int = 5
-    patience: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    gpus: int = 1
-    cpu_ranks: int = 0
-    on_bad_sample: str = "stop"
-    eval: bool = True
-    eval_inference_mode: bool = True
-    loader_only: bool = False  # fetch batches with no model: the loader's own images/s
-    dist_timeout_s: int = 300
-    out: str = "reports/runs"
-    label: str = ""  # free text recorded in the result (bench sweep / tune name their runs with it)
-    loader_options: tuple = ()  # (key, value) pairs for the backend's own Options
-
-
-def nprocs(cfg: RunConfig) -> int:
-    return cfg.cpu_ranks or cfg.gpus
-
-
-def check(cfg: RunConfig) -> None:
+def check(cfg: RunSpec) -> None:
     """Everything that can be checked before any process or worker starts."""
     if cfg.model not in MODELS:
         raise UsageError(f"unknown --model {cfg.model!r}; known: {', '.join(MODELS)}")
+    if cfg.epochs is not None and cfg.steps is not None:
+        raise UsageError("use either --epochs or --steps, not both")
     for name in ("batch_size", "image_size", "gpus"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -89,7 +55,7 @@ def check(cfg: RunConfig) -> None:
         raise UsageError(f"--amp must be off, bf16 or fp16, got {cfg.amp!r}")
     if cfg.amp == "fp16" and device_for(cfg).type == "cpu":
         raise UsageError("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
-    options_for(cfg.loader, **dict(cfg.loader_options))  # unknown loader or option: a clear line
+    cfg.backend  # not installed: a clear line
     out = Path(cfg.out)
     try:  # found out now, not after an hour of training
         out.mkdir(parents=True, exist_ok=True)
@@ -99,46 +65,45 @@ def check(cfg: RunConfig) -> None:
         raise UsageError(f"--out {out}: folder is not writable")
 
 
-def device_for(cfg: RunConfig) -> torch.device:
+def device_for(cfg: RunSpec) -> torch.device:
     if cfg.cpu_ranks or cfg.device == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def resolve_data(cfg: RunConfig, progress: bool = True) -> tuple[Path, Path | None]:
+def resolve_data(cfg: RunSpec, progress: bool = True) -> tuple[Path, Path | None]:
     """(train folder, val folder or None), checked as torchvision would index them."""
     root = Path(cfg.data) if cfg.data else default_dataset(SynthSpec(), progress=progress)  # one default set, whatever --seed
     if not root.is_dir():
         raise UsageError(f"--data {root}: folder not found")
-    if (root / "train.beton").exists() and not (root / "train").is_dir():  # `bench data convert --to ffcv`
-        if cfg.loader != "ffcv":
-            raise UsageError(f"--data {root} holds .beton files, which only --loader ffcv reads")
-        val = root / "val.beton"
-        return root / "train.beton", (val if val.exists() else None)
+    backend = cfg.backend
+    stored = backend.locate(root, "train", cfg.options)
+    if stored is not None:  # the backend's own format (`bench data convert --to ...`)
+        return stored, backend.locate(root, "val", cfg.options)
     train_dir, val_dir = root / "train", root / "val"
-    if (train_dir / WDS_MANIFEST).is_file():  # `bench data convert --to wds`
-        if cfg.loader != "wds" and not (cfg.loader == "dali" and dict(cfg.loader_options).get("reader") == "wds"):
-            raise UsageError(f"--data {root} holds webdataset shards, which --loader wds (or dali -o reader=wds) reads")
-        return train_dir, (val_dir if (val_dir / WDS_MANIFEST).is_file() else None)
+    readers = [b.name for b in backends() if b.holds(root)]
+    if readers:
+        fmt = next(b.stored_format for b in backends() if b.holds(root) and b.stored_format)
+        raise UsageError(f"--data {root} holds {fmt}, which {' or '.join(f'--loader {n}' for n in readers)} "
+                         f"reads (with the right options), not --loader {backend.name} as asked")
     if not train_dir.is_dir():
         raise UsageError(f"--data {root}: expected an ImageFolder root with train/ and val/ (ImageNet layout)")
     n = len(scan_imagefolder(train_dir))
-    if n < nprocs(cfg):
-        raise UsageError(f"--data {root}: {n} training samples cannot be split over {nprocs(cfg)} ranks")
+    if n < cfg.nprocs:
+        raise UsageError(f"--data {root}: {n} training samples cannot be split over {cfg.nprocs} ranks")
     if val_dir.is_dir():
         scan_imagefolder(val_dir)
         return train_dir, val_dir
     return train_dir, None
 
 
-def relaunch(cfg: RunConfig, argv: list[str], data_root: Path) -> int:
-    """Re-run this command as N ranks through torchrun (torch.distributed.run)."""
-    child = [a for a in argv]
-    if cfg.data is None:  # generated once here, not by N racing ranks
-        child += ["--data", str(data_root)]
-    cmd = [sys.executable, "-m", "bench.torchrun", "--standalone", f"--nproc-per-node={nprocs(cfg)}",
+def relaunch(cfg: RunSpec, argv: list[str], data_root: Path) -> int:
+    """Re-run this spec as N ranks through torchrun (torch.distributed.run); the data is resolved
+    (generated once) here, not by N racing ranks."""
+    child = ["run", *dataclasses.replace(cfg, data=str(data_root)).to_argv()]
+    cmd = [sys.executable, "-m", "bench.harness.torchrun", "--standalone", f"--nproc-per-node={cfg.nprocs}",
            "-m", "bench.cli", *child]
-    env = dict(os.environ, LOADERBENCH_LAUNCHED="1")
+    env = dict(os.environ, LOADERBENCH_LAUNCHED="1", **{COMMAND_ENV: json.dumps(argv)})
     if cfg.cpu_ranks:  # share the cores between ranks instead of oversubscribing them
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.cpu_ranks)))
     proc = subprocess.Popen(cmd, env=env)
@@ -158,54 +123,14 @@ def relaunch(cfg: RunConfig, argv: list[str], data_root: Path) -> int:
         raise
 
 
-def prepare(cfg: RunConfig, *splits: Path | None) -> None:
+def prepare(cfg: RunSpec, *splits: Path | None) -> None:
     """Let a backend convert the data once (e.g. ffcv's .beton) before any rank starts."""
-    module = importlib.import_module(get_backend(cfg.loader).module)
-    if hasattr(module, "prepare"):
-        opts = options_for(cfg.loader, **dict(cfg.loader_options))
-        for split in splits:
-            if split is not None:
-                module.prepare(split, opts)
+    for split in splits:
+        if split is not None:
+            cfg.backend.prepare(split, cfg.options)
 
 
-def storage_stats(root: Path) -> dict:
-    """Storage resolution and size, from the generator's or converter's manifest, or else a sample
-    of file headers."""
-    if root.is_file():  # a .beton given directly: its manifest is recorded as backend_storage
-        return {"source": str(root), "mean_width": None, "mean_height": None, "mean_bytes": None,
-                "jpeg_quality": None}
-    if (root / WDS_MANIFEST).is_file():  # shards given directly: their manifest is recorded as backend_storage
-        m = json.loads((root / WDS_MANIFEST).read_text())
-        return {"source": m["source"], "mean_width": None, "mean_height": None,
-                "mean_bytes": m["storage"]["mean_bytes"], "jpeg_quality": m["storage"]["jpeg_quality"]}
-    manifest = root.parent / MANIFEST
-    if manifest.is_file():
-        m = json.loads(manifest.read_text())
-        return {"source": "generated", "mean_width": m["mean_width"], "mean_height": m["mean_height"],
-                "mean_bytes": m["mean_bytes"], "jpeg_quality": m["spec"]["quality"], "spec": m["spec"]}
-    resized = root.parent / FOLDER_MANIFEST
-    if resized.is_file():
-        m = json.loads(resized.read_text())
-        return {"source": "bench data convert --to folder", "mean_width": m["mean_width"],
-                "mean_height": m["mean_height"], "mean_bytes": m["mean_bytes"], "jpeg_quality": m["jpeg_quality"],
-                "max_resolution": m["max_resolution"]}
-    from PIL import Image
-
-    index = scan_imagefolder(root)
-    picks = index.paths[:: max(1, len(index) // 32)][:32]
-    sizes = []
-    for p in picks:
-        try:
-            with Image.open(p) as im:
-                sizes.append((im.width, im.height, os.path.getsize(p)))
-        except Exception:
-            continue
-    w, h, b = (sum(col) / len(col) for col in zip(*sizes)) if sizes else (None, None, None)
-    return {"source": "sampled headers", "files_sampled": len(sizes), "mean_width": w, "mean_height": h,
-            "mean_bytes": b, "jpeg_quality": None}
-
-
-def run(cfg: RunConfig, argv: list[str], log=print) -> Path | None:
+def run(cfg: RunSpec, argv: list[str], log=print) -> Path | None:
     """Run one benchmark in this process (one rank); rank 0 returns the result path."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
@@ -247,10 +172,10 @@ def _run(cfg, argv, device, rank, world_size, log) -> Path | None:
     if world_size > 1 and not cfg.data:
         dist.barrier()  # external torchrun without --data: rank 0 generated it
         train_dir, val_dir = resolve_data(cfg, progress=False)
-    dtype = resolve_dtype("fp32")  # autocast casts inside the model; inputs stay fp32
-    common = dict(batch_size=cfg.batch_size, image_size=cfg.image_size, device=device, dtype=dtype,
+    # fp32 inputs: autocast casts inside the model
+    common = dict(batch_size=cfg.batch_size, image_size=cfg.image_size, device=device, dtype=torch.float32,
                   channels_last=cfg.channels_last, seed=cfg.seed, rank=rank, world_size=world_size,
-                  on_bad_sample=cfg.on_bad_sample, **dict(cfg.loader_options))
+                  on_bad_sample=cfg.on_bad_sample, options=cfg.options)
     # Training drops the last partial batch, as torchvision's and timm's reference scripts do: a
     # ragged final batch (down to 1 sample) breaks BatchNorm and skews step times. The loader
     # contract itself keeps every sample (drop_last=False); the result records the choice.
@@ -274,7 +199,7 @@ def _run(cfg, argv, device, rank, world_size, log) -> Path | None:
         if cfg.loader_only:
             log(f"loader only: {cfg.loader} on {train_dir}: {len(train_loader)} batches/epoch x {epochs} epoch(s), "
                 f"{world_size} rank(s) on {device}")
-            outcome = drain(train_loader, tcfg, device, log=log)
+            outcome = measure(train_loader, tcfg, device, log=log)
         else:
             model = build_model(cfg.model, len(train_loader.classes))
             log(f"training {cfg.model} on {train_dir} with loader {cfg.loader}: {len(train_loader)} steps/epoch "
@@ -293,20 +218,20 @@ def _run(cfg, argv, device, rank, world_size, log) -> Path | None:
     skipped = int(all_reduce_values([skipped], device)[0])  # every rank's skips
     if rank != 0:
         return None
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "loader_options"}
-    config.update(loader_options=dict(cfg.loader_options), world_size=world_size, device=str(device),
-                  epochs=epochs, data=str(train_dir.parent), train_drop_last=True)
+    config = cfg.record()
+    config.update(world_size=world_size, device=str(device), epochs=epochs, data=str(train_dir.parent),
+                  train_drop_last=True)
     loader_info = train_loader.describe()
     loader_info["skipped_files"] = (train_loader.skipped + (val_loader.skipped if val_loader else []))[:50]
     data = {"train": str(train_dir), "val": str(val_dir) if val_dir else None,
             "train_samples": train_loader.num_samples * world_size - train_loader.padding,
             "classes": len(train_loader.classes),
-            "storage": storage_stats(train_dir)}
+            "storage": cfg.backend.storage_stats(train_dir) or folder_storage(train_dir)}
     if "storage" in loader_info:  # re-stored by the backend (ffcv's .beton): what it really read
         data["storage"]["backend_storage"] = loader_info["storage"]
     res = results.new_result(
-        command=["bench", *argv], config=config, environment=envinfo.collect(), data=data, loader=loader_info,
-        metrics={**results.metrics_from(outcome, skipped), "resources": resources},
+        command=["bench", *command_of(argv)], config=config, environment=envinfo.collect(), data=data, loader=loader_info,
+        metrics=results.metrics_from(outcome, skipped, resources),
         samples={"step_time_s": outcome.step_time, "data_wait_s": outcome.data_wait,
                  "compute_time_s": outcome.compute},
     )
@@ -315,3 +240,8 @@ def _run(cfg, argv, device, rank, world_size, log) -> Path | None:
 
     Console().print(results.table(res, path))
     return path
+
+
+def command_of(argv: list[str]) -> list[str]:
+    """The command line the user typed: this process's, or the launcher's for a rank of torchrun's."""
+    return json.loads(os.environ[COMMAND_ENV]) if COMMAND_ENV in os.environ else argv

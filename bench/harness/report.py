@@ -10,16 +10,19 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .result import ResultError, load
+from loaders.stored import write_atomic
+
+from ..errors import BenchError
+from .result import Result, ResultError, load
 
 
-class ReportError(Exception):
+class ReportError(BenchError):
     pass
 
 
 # -- reading ---------------------------------------------------------------------------------------
 
-def results_in(folder: Path) -> dict[str, dict]:
+def results_in(folder: Path) -> dict[str, Result]:
     """Every result file under ``folder`` (recursively), by path relative to it."""
     found = {}
     for path in sorted(folder.rglob("*.json")):
@@ -37,38 +40,28 @@ def _median(values):
     return statistics.median(values) if values else None
 
 
-def eval_seconds(r: dict) -> float | None:
-    return _median(r["metrics"].get("eval_seconds") or [])
-
-
-def workers_of(r: dict):
-    o = r["config"].get("loader_options", {})
-    return o.get("num_workers", o.get("num_threads"))
-
-
-def signature(r: dict) -> tuple:
+def signature(r: Result) -> tuple:
     """What makes two runs the same configuration (trials of one thing)."""
-    c = r["config"]
-    st = r["data"]["storage"]
+    c = r.config
+    st = r.data["storage"]
     res = (st.get("backend_storage") or {}).get("max_resolution") or st.get("max_resolution") or "original"
-    return (c.get("label") or "", "loader only" if c.get("loader_only") else c["model"], c["loader"],
-            json.dumps(c.get("loader_options", {}), sort_keys=True), c["amp"], c["channels_last"], c["compile"],
-            c["world_size"], c["batch_size"], c["image_size"], str(res))
+    return (r.label, r.mode, c["loader"], json.dumps(r.options, sort_keys=True), c["amp"], c["channels_last"],
+            c["compile"], c["world_size"], c["batch_size"], c["image_size"], str(res))
 
 
 @dataclass
 class Group:
-    runs: list[dict] = field(default_factory=list)
+    runs: list[Result] = field(default_factory=list)
 
     @property
     def ips(self) -> list[float]:
-        return [r["metrics"]["images_per_second"] for r in self.runs]
+        return [r.ips for r in self.runs]
 
     def median(self, fn):
         return _median([fn(r) for r in self.runs])
 
 
-def groups_of(results: dict[str, dict]) -> dict[tuple, Group]:
+def groups_of(results: dict[str, Result]) -> dict[tuple, Group]:
     g: dict[tuple, Group] = collections.defaultdict(Group)
     for r in results.values():
         g[signature(r)].runs.append(r)
@@ -77,36 +70,51 @@ def groups_of(results: dict[str, dict]) -> dict[tuple, Group]:
 
 # -- the ladder ------------------------------------------------------------------------------------
 
+# A rung's medians over its trials, each read from a Result.
+MEDIANS = {
+    "data_wait": lambda r: r.metrics.data_wait_share,
+    "val_loss": lambda r: r.metrics.final_val_loss,
+    "val_acc": lambda r: r.metrics.final_val_accuracy,
+    "eval_s": lambda r: r.metrics.median_eval_seconds,
+    "cpu_pct": lambda r: r.metrics.resource("process_cpu_percent_mean"),
+    "gpu_util": lambda r: r.metrics.resource("gpu_util_percent_mean"),
+    "peak_rss_mib": lambda r: r.metrics.resource("peak_rss_total_mib"),
+}
+
+
 @dataclass
 class Rung:
+    """One step of the ladder with its figures: images/s over its trials, speedups against the
+    baseline (cumulative) and its reference step (marginal), % of the ceiling, the MEDIANS, and for
+    early stopping the time to the target accuracy against the time of every epoch."""
+
     key: str
     title: str
     kind: str
     status: str
     reason: str | None
     kept: bool | None
-    trials: list[dict]
+    trials: list[Result]
+    reference: str | None = None
     ips: float | None = None
     ips_min: float | None = None
     ips_max: float | None = None
-    marginal: float | None = None  # against the step it was compared with
-    cumulative: float | None = None  # against the baseline
-    data_wait: float | None = None
+    marginal: float | None = None
+    cumulative: float | None = None
     ceiling_pct: float | None = None
-    val_loss: float | None = None
-    val_acc: float | None = None
-    eval_s: float | None = None
     eval_speedup: float | None = None
     time_to_target: float | None = None
     full_time: float | None = None
     target_epoch: int | None = None
-    cpu_pct: float | None = None
-    gpu_util: float | None = None
-    peak_rss_mib: float | None = None
-    reference: str | None = None
+    medians: dict = field(default_factory=dict)
+
+    def __getattr__(self, name):  # rung.data_wait, rung.val_acc, ...: the MEDIANS
+        if name in MEDIANS:
+            return self.medians.get(name)
+        raise AttributeError(name)
 
 
-def ladder(sweep: dict, folder: Path, results: dict[str, dict] | None = None) -> list[Rung]:
+def ladder(sweep: dict, folder: Path, results: dict[str, Result] | None = None) -> list[Rung]:
     results = results if results is not None else results_in(folder)
 
     def trials_of(paths):
@@ -116,7 +124,7 @@ def ladder(sweep: dict, folder: Path, results: dict[str, dict] | None = None) ->
                               f"{', '.join(missing[:3])}")
         return [results[p] for p in paths]
 
-    ceilings = {k: _median([r["metrics"]["images_per_second"] for r in trials_of(v)])
+    ceilings = {k: _median([r.ips for r in trials_of(v)])
                 for k, v in sweep.get("ceilings", {}).items()}
     target = sweep["settings"]["target_accuracy"]
     rungs: dict[str, Rung] = {}
@@ -128,13 +136,7 @@ def ladder(sweep: dict, folder: Path, results: dict[str, dict] | None = None) ->
                     reference=st.get("reference"))
         if ips:
             rung.ips, rung.ips_min, rung.ips_max = statistics.median(ips), min(ips), max(ips)
-            rung.data_wait = g.median(lambda r: r["metrics"]["data_wait_share"])
-            rung.val_loss = g.median(lambda r: r["metrics"]["final_val_loss"])
-            rung.val_acc = g.median(lambda r: r["metrics"]["final_val_accuracy"])
-            rung.eval_s = g.median(eval_seconds)
-            res = lambda k: g.median(lambda r: (r["metrics"].get("resources") or {}).get(k))  # noqa: E731
-            rung.cpu_pct, rung.gpu_util, rung.peak_rss_mib = (res("process_cpu_percent_mean"),
-                                                              res("gpu_util_percent_mean"), res("peak_rss_total_mib"))
+            rung.medians = {name: g.median(fn) for name, fn in MEDIANS.items()}
             if st.get("ceiling") and ceilings.get(st["ceiling"]):
                 rung.ceiling_pct = rung.ips / ceilings[st["ceiling"]]
         base = rungs.get("baseline")
@@ -146,7 +148,7 @@ def ladder(sweep: dict, folder: Path, results: dict[str, dict] | None = None) ->
         if rung.eval_s and ref and ref.eval_s:
             rung.eval_speedup = ref.eval_s / rung.eval_s
         if st["kind"] == "early_stop" and trials:
-            epochs = trials[0]["metrics"]["epochs"]
+            epochs = trials[0].metrics.epochs
             elapsed = 0.0
             for e in epochs:
                 elapsed += e["train_seconds"] + (e.get("eval_seconds") or 0.0)
@@ -179,7 +181,8 @@ def ladder_table(rungs: list[Rung], sweep: dict) -> list[str]:
             marginal = f"eval {_x(r.eval_speedup)}"
         if r.kind == "early_stop":
             if r.time_to_target is None:
-                marginal = f"target {sweep['settings']['target_accuracy']:g} not reached in {len(r.trials[0]['metrics']['epochs'])} epochs"
+                marginal = (f"target {sweep['settings']['target_accuracy']:g} not reached in "
+                            f"{len(r.trials[0].metrics.epochs)} epochs")
             else:
                 marginal = (f"time {_x(r.full_time / r.time_to_target)}: {r.time_to_target:.1f} s to the target "
                             f"(epoch {r.target_epoch}) vs {r.full_time:.1f} s")
@@ -243,16 +246,16 @@ def plot_ladder(rungs: list[Rung], folder: Path) -> list[str]:
     return written
 
 
-def plot_workers(results: dict[str, dict], folder: Path) -> list[str]:
+def plot_workers(results: dict[str, Result], folder: Path) -> list[str]:
     """Images/s against workers (or DALI/FFCV threads) for every (loader, mode) measured at
     more than one worker count."""
     series = collections.defaultdict(lambda: collections.defaultdict(list))
     for r in results.values():
-        w = workers_of(r)
-        if w is None or r["config"]["world_size"] != 1:
+        w = r.workers
+        if w is None or r.config["world_size"] != 1:
             continue
-        mode = "loader only" if r["config"].get("loader_only") else f"end to end ({r['config']['model']})"
-        series[(r["config"]["loader"], mode)][int(w)].append(r["metrics"]["images_per_second"])
+        mode = "loader only" if r.loader_only else f"end to end ({r.config['model']})"
+        series[(r.config["loader"], mode)][int(w)].append(r.ips)
     series = {k: v for k, v in series.items() if len(v) > 1}
     if not series:
         return []
@@ -274,27 +277,27 @@ def plot_workers(results: dict[str, dict], folder: Path) -> list[str]:
 
 # -- the report ------------------------------------------------------------------------------------
 
-def runs_table(results: dict[str, dict]) -> list[str]:
+def runs_table(results: dict[str, Result]) -> list[str]:
     lines = ["| label | mode | loader | options | amp / channels_last / compile | ranks | storage px | images/s median "
              "| min - max | trials | data wait | val acc | CPU % (process) | peak RSS MiB | GPU util % |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for sig, g in sorted(groups_of(results).items(), key=lambda kv: str(kv[0])):
         label, mode, loader, opts, amp, cl, comp, ranks, _, _, res = sig
         ips = g.ips
-        acc = g.median(lambda r: r["metrics"]["final_val_accuracy"])
-        res_of = lambda k: g.median(lambda r: (r["metrics"].get("resources") or {}).get(k))  # noqa: E731
+        acc = g.median(lambda r: r.metrics.final_val_accuracy)
+        res_of = lambda k: g.median(lambda r: r.metrics.resource(k))  # noqa: E731
         cpu, rss, gpu = res_of("process_cpu_percent_mean"), res_of("peak_rss_total_mib"), res_of("gpu_util_percent_mean")
         opts_txt = ", ".join(f"{k}={v}" for k, v in json.loads(opts).items()) or "-"
         lines.append(f"| {label or '-'} | {mode} | {loader} | {opts_txt} | {amp} / {cl} / {comp} | {ranks} | {res} | "
                      f"{statistics.median(ips):,.1f} | {min(ips):,.1f} - {max(ips):,.1f} | {len(ips)} | "
-                     f"{_pct(g.median(lambda r: r['metrics']['data_wait_share']))} | "
+                     f"{_pct(g.median(lambda r: r.metrics.data_wait_share))} | "
                      f"{'-' if acc is None else f'{acc:.3f}'} | {'-' if cpu is None else f'{cpu:.0f}'} | "
                      f"{'-' if rss is None else f'{rss:,.0f}'} | {'-' if gpu is None else f'{gpu:.0f}'} |")
     return lines
 
 
-def machine_line(r: dict) -> str:
-    env = r["environment"]
+def machine_line(r: Result) -> str:
+    env = r.environment
     gpus = ", ".join(f"{g['name']}" + (f" (driver {g['driver']})" if g.get("driver") else "") for g in env["gpus"])
     libs = env.get("libraries", {})
     extra = ", ".join(f"{k} {v}" for k, v in libs.items() if k in ("nvidia-dali-cuda130", "ffcv", "webdataset"))
@@ -304,8 +307,8 @@ def machine_line(r: dict) -> str:
             + (" (dirty)" if env.get("git_dirty") else ""))
 
 
-def data_line(r: dict) -> str:
-    d, c = r["data"], r["config"]
+def data_line(r: Result) -> str:
+    d, c = r.data, r.config
     st = d["storage"]
     size = (f"{st['mean_width']:.0f}x{st['mean_height']:.0f} px mean" if st.get("mean_width") else "size n/a")
     q = f", JPEG q{st['jpeg_quality']}" if st.get("jpeg_quality") else ""
@@ -330,7 +333,7 @@ def render(folder: Path | str, title: str | None = None, command: str | None = N
              "medians over trials. Rendered by `bench report` from the JSON results under this folder.", ""]
     commands = [command] if command else [" ".join(d["command"]) for d in docs.values() if d.get("command")]
     if not commands:
-        commands = sorted({" ".join(r["command"]) for r in results.values()})[:20]
+        commands = sorted({" ".join(r.command) for r in results.values()})[:20]
     lines += ["Produced by:", "", "```", *commands, "```", ""]
     if (folder / "NOTES.md").is_file():  # what the results cannot say themselves (how a run ended, caveats)
         lines += ["## Notes", "", (folder / "NOTES.md").read_text().strip(), ""]
@@ -379,22 +382,18 @@ def render(folder: Path | str, title: str | None = None, command: str | None = N
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     lines += ["## Every configuration measured", "", *runs_table(results), ""]
-    out = folder / "README.md"
-    tmp = folder / ".README.md.tmp"
-    tmp.write_text("\n".join(lines))
-    tmp.replace(out)
-    return out
+    return write_atomic(folder / "README.md", "\n".join(lines))
 
 
 # -- compare ---------------------------------------------------------------------------------------
 
 METRICS = (
-    ("images/s", lambda r: r["metrics"]["images_per_second"], True),
-    ("step time median s", lambda r: r["metrics"]["step_time_s"]["median"], False),
-    ("data-wait share", lambda r: r["metrics"]["data_wait_share"], False),
-    ("eval s", eval_seconds, False),
-    ("val accuracy", lambda r: r["metrics"]["final_val_accuracy"], True),
-    ("peak RSS MiB", lambda r: (r["metrics"].get("resources") or {}).get("peak_rss_total_mib"), False),
+    ("images/s", lambda r: r.ips, True),
+    ("step time median s", lambda r: r.metrics.step_time_s.get("median"), False),
+    ("data-wait share", lambda r: r.metrics.data_wait_share, False),
+    ("eval s", lambda r: r.metrics.median_eval_seconds, False),
+    ("val accuracy", lambda r: r.metrics.final_val_accuracy, True),
+    ("peak RSS MiB", lambda r: r.metrics.resource("peak_rss_total_mib"), False),
 )
 
 
@@ -402,7 +401,7 @@ def _result_set(path: Path) -> dict[str, Group]:
     """A result file (one group) or a folder (grouped by label, else by configuration)."""
     if path.is_file():
         r = load(path)
-        return {r["config"].get("label") or "result": Group([r])}
+        return {r.label or "result": Group([r])}
     if not path.is_dir():
         raise ReportError(f"{path}: no such result file or folder")
     res = results_in(path)
@@ -410,9 +409,7 @@ def _result_set(path: Path) -> dict[str, Group]:
         raise ReportError(f"{path}: no result files")
     by: dict[str, Group] = collections.defaultdict(Group)
     for r in res.values():
-        c = r["config"]
-        key = c.get("label") or f"{c['loader']} {'loader-only' if c.get('loader_only') else c['model']} " \
-                                 f"{json.dumps(c.get('loader_options', {}), sort_keys=True)}"
+        key = r.label or f"{r.config['loader']} {r.mode} {json.dumps(r.options, sort_keys=True)}"
         by[key].runs.append(r)
     return dict(by)
 

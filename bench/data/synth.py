@@ -21,7 +21,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from loaders.contract import LoaderError, temp_output
+from loaders.contract import LoaderError
+from loaders.stored import temp_output
+
+from ..errors import BenchError
 
 MANIFEST = "synth.json"
 SPLITS = ("train", "val")
@@ -46,7 +49,7 @@ class SynthSpec:
         return self.classes * (self.train_per_class if split == "train" else self.val_per_class)
 
 
-class SynthError(Exception):
+class SynthError(BenchError):
     pass
 
 

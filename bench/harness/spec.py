@@ -1,0 +1,208 @@
+"""One run's resolved settings: a frozen ``RunSpec`` holding the backend's typed Options.
+
+Built once from the command line (``add_flags`` is the one flag group of run, sweep, doctor and
+tune), carried to a child process with ``to_argv`` / ``from_argv`` (exact inverses), varied with
+``dataclasses.replace`` and recorded in the result as it is. Strings exist only at the edges.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from loaders import LoaderError, get_backend
+from loaders.backend import Backend
+
+from ..errors import UsageError
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    loader: str = "torch"
+    options: Any = None  # the backend's Options instance; None: its defaults
+    data: str | None = None  # ImageFolder root with train/ (and val/); None: the generated default
+    model: str = "small"
+    batch_size: int = 64
+    image_size: int = 224
+    epochs: int | None = None
+    steps: int | None = None
+    amp: str = "off"
+    channels_last: bool = False
+    compile: bool = False
+    lr: float = 0.05
+    seed: int = 0
+    warmup_steps: int = 5
+    patience: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    gpus: int = 1
+    cpu_ranks: int = 0
+    on_bad_sample: str = "stop"
+    eval: bool = True
+    eval_inference_mode: bool = True
+    loader_only: bool = False  # fetch batches with no model: the loader's own images/s
+    dist_timeout_s: int = 300
+    out: str = "reports/runs"
+    label: str = ""  # free text recorded in the result (sweep, tune and doctor name their runs with it)
+
+    def __post_init__(self):
+        backend = get_backend(self.loader, installed=False)
+        if self.options is None:
+            object.__setattr__(self, "options", backend.Options())
+        elif not isinstance(self.options, backend.Options):
+            raise TypeError(f"options for {self.loader!r} must be its Options, got {type(self.options).__name__}")
+
+    @property
+    def backend(self) -> Backend:
+        return get_backend(self.loader)
+
+    @property
+    def nprocs(self) -> int:
+        return self.cpu_ranks or self.gpus
+
+    def with_loader(self, loader: str, **techniques) -> "RunSpec":
+        """This spec on another backend, its options at their defaults plus the techniques given."""
+        backend = get_backend(loader, installed=False)
+        return dataclasses.replace(self, loader=loader, options=backend.with_techniques(backend.Options(), **techniques))
+
+    def with_options(self, **values) -> "RunSpec":
+        return dataclasses.replace(self, options=dataclasses.replace(self.options, **values))
+
+    def to_argv(self) -> list[str]:
+        """`bench run` arguments that ``from_argv`` turns back into this spec (defaults left out)."""
+        argv = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "options" or value == f.default:
+                continue
+            flag, kind = FLAGS[f.name][0], FLAGS[f.name][1].get("action")
+            argv += [flag] if kind in ("store_true", "store_false") else [flag, str(value)]
+        defaults = type(self.options)()
+        for f in dataclasses.fields(self.options):
+            value = getattr(self.options, f.name)
+            if value != getattr(defaults, f.name):
+                argv += ["-o", f"{f.name}={format_value(value)}"]
+        return argv
+
+    @classmethod
+    def from_argv(cls, argv: list[str]) -> "RunSpec":
+        p = argparse.ArgumentParser(prog="bench run", exit_on_error=False)
+        add_flags(p)
+        return cls.from_args(p.parse_args(argv))
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides) -> "RunSpec":
+        """From parsed ``add_flags`` arguments (fields a command has no flag for keep their defaults)."""
+        fields = getattr(args, "spec_fields", FLAGS)  # a command's own flags of the same name are not the spec's
+        values = {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
+        values.update(overrides)
+        loader = values.get("loader", "torch")
+        backend = get_backend(loader)
+        options = {}
+        for technique, flag in KNOB_FLAGS.items():
+            value = getattr(args, f"knob_{technique}", None)
+            if value is None:
+                continue
+            if technique not in backend.knobs:
+                raise UsageError(f"{flag[0]}: loader {loader!r} has no such knob; its options: "
+                                 f"{', '.join(f.name for f in dataclasses.fields(backend.Options))}")
+            options[backend.knobs[technique]] = value
+        types = backend.option_types()
+        for item in getattr(args, "loader_opt", None) or []:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise UsageError(f"-o {item}: expected KEY=VALUE")
+            options[key] = parse_value(key, raw, types.get(key, "str"))
+        return cls(**values, options=backend.options(**options))
+
+    def record(self) -> dict:
+        """The spec as a result records it: its fields, the options as a dict, and the argv."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        return {**d, "loader_options": dataclasses.asdict(self.options), "argv": self.to_argv()}
+
+
+def format_value(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def parse_value(key: str, raw: str, hint: str):
+    """A -o value as the type the backend's Options field declares (``hint``, e.g. "int | None")."""
+    if raw.lower() == "none" and "None" in hint:
+        return None
+    if "bool" in hint:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise LoaderError(f"-o {key}={raw}: expected true or false")
+    for kind in (int, float):
+        if kind.__name__ in hint:
+            try:
+                return kind(raw)
+            except ValueError:
+                raise LoaderError(f"-o {key}={raw}: expected {kind.__name__}") from None
+    return raw
+
+
+# RunSpec field -> (flag, argparse keywords). One table for every command that takes a spec.
+FLAGS: dict[str, tuple[str, dict]] = {
+    "loader": ("--loader", dict(help="backend name (see `bench backends`); default torch")),
+    "data": ("--data", dict(help="ImageFolder root with train/ and val/; default: the generated dataset (cached)")),
+    "model": ("--model", dict(help="small | resnet18 | resnet50 (default small)")),
+    "batch_size": ("--batch-size", dict(type=int, help="per rank (default 64)")),
+    "image_size": ("--image-size", dict(type=int, help="default 224")),
+    "epochs": ("--epochs", dict(type=int, help="epochs to train (default 1)")),
+    "steps": ("--steps", dict(type=int, help="training steps to run instead of whole epochs")),
+    "amp": ("--amp", dict(choices=("off", "bf16", "fp16"))),
+    "channels_last": ("--channels-last", dict(action="store_true")),
+    "compile": ("--compile", dict(action="store_true", help="torch.compile the model")),
+    "lr": ("--lr", dict(type=float)),
+    "seed": ("--seed", dict(type=int)),
+    "warmup_steps": ("--warmup-steps", dict(type=int, help="steps excluded from throughput (default 5)")),
+    "patience": ("--patience", dict(type=int, help="early stopping on val loss after N bad epochs; 0 = off")),
+    "device": ("--device", dict(choices=("auto", "cpu", "cuda"))),
+    "gpus": ("--gpus", dict(type=int, help="N > 1: N ranks through torchrun, one per GPU")),
+    "cpu_ranks": ("--cpu-ranks", dict(type=int, help="N CPU ranks with gloo (DDP without a GPU)")),
+    "on_bad_sample": ("--on-bad-sample", dict(choices=("stop", "skip"),
+                                              help="stop (default): fail naming the file; skip: skip and count it")),
+    "eval": ("--no-eval", dict(action="store_false", help="skip validation")),
+    "eval_inference_mode": ("--eval-with-autograd", dict(
+        action="store_false", help="evaluate without torch.inference_mode (the naive baseline)")),
+    "loader_only": ("--loader-only", dict(action="store_true",
+                                          help="fetch batches with no model: the loader's own images/s")),
+    "dist_timeout_s": ("--dist-timeout", dict(type=int, help="seconds a rank waits for the others (default 300)")),
+    "out": ("--out", dict(help="folder for the JSON result (default reports/runs)")),
+    "label": ("--label", dict(help="a name recorded in the result (reports group runs by it)")),
+}
+
+# Shortcuts for the techniques' knobs, mapped through the backend's own option names.
+KNOB_FLAGS: dict[str, tuple[str, dict]] = {
+    "workers": ("--workers", dict(type=int, help="worker processes or threads (the backend's parallelism)")),
+    "pin_memory": ("--pin-memory", dict(action="store_const", const=True, help="pinned memory + non_blocking copies")),
+    "persistent": ("--persistent-workers", dict(action="store_const", const=True)),
+    "prefetch": ("--prefetch-factor", dict(type=int, help="batches prefetched (the backend's prefetch option)")),
+    "device_normalize": ("--device-normalize", dict(action="store_const", const=True,
+                                                    help="uint8 batches, normalised on the device")),
+}
+
+
+def add_flags(p: argparse.ArgumentParser, fields=None, knobs: bool = True, options: bool = True, **defaults) -> None:
+    """The run-spec flags (all, or ``fields``), the loader's knob shortcuts and ``-o``. Unset flags stay
+    None, so the RunSpec's own defaults apply unless ``defaults`` names others for a command."""
+    p.set_defaults(spec_fields=tuple(FLAGS if fields is None else fields))
+    for name, (flag, kw) in FLAGS.items():
+        if fields is None or name in fields:
+            kw = {**kw, "dest": name}
+            if "action" in kw and kw["action"] in ("store_true", "store_false"):
+                kw.setdefault("default", None)
+            p.add_argument(flag, **kw)
+    p.set_defaults(**defaults)
+    g = p.add_argument_group("loader options (-o KEY=VALUE for any of the backend's options)")
+    for technique, (flag, kw) in KNOB_FLAGS.items() if knobs else ():
+        g.add_argument(flag, dest=f"knob_{technique}", **kw)
+    if options:
+        g.add_argument("-o", "--loader-opt", action="append", default=[], metavar="KEY=VALUE")
