@@ -1,4 +1,5 @@
 """The `bench` command line: parsers and dispatch only; the work lives in harness/ and data/."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,13 @@ def _default_data(spec: RunSpec) -> RunSpec:
 
 # -- run -----------------------------------------------------------------------------------------
 
+
 def _run_parser(sub) -> None:
-    p = sub.add_parser("run", help="train with one loader and write a result of record",
-                       description="Train a model with one loader; rank 0 writes a JSON result under --out.")
+    p = sub.add_parser(
+        "run",
+        help="train with one loader and write a result of record",
+        description="Train a model with one loader; rank 0 writes a JSON result under --out.",
+    )
     add_flags(p)
 
 
@@ -47,6 +52,7 @@ def cmd_run(args, argv: list[str]) -> int:
 
 
 # -- data ----------------------------------------------------------------------------------------
+
 
 def _synth_parser(sub) -> None:
     from .data.synth import SynthSpec
@@ -67,11 +73,20 @@ def _synth_parser(sub) -> None:
 def cmd_synth(args) -> int:
     from .data.synth import SynthSpec, generate
 
-    spec = SynthSpec(classes=args.classes, train_per_class=args.train_per_class, val_per_class=args.val_per_class,
-                     width=args.width, height=args.height, quality=args.quality, seed=args.seed)
+    spec = SynthSpec(
+        classes=args.classes,
+        train_per_class=args.train_per_class,
+        val_per_class=args.val_per_class,
+        width=args.width,
+        height=args.height,
+        quality=args.quality,
+        seed=args.seed,
+    )
     m = generate(args.out, spec, workers=args.workers)
-    print(f"{args.out}: {m['images']['train']} train + {m['images']['val']} val images, mean "
-          f"{m['mean_bytes'] / 1e3:.1f} KB at {m['mean_width']:.0f}x{m['mean_height']:.0f} px, q{spec.quality}")
+    print(
+        f"{args.out}: {m['images']['train']} train + {m['images']['val']} val images, mean "
+        f"{m['mean_bytes'] / 1e3:.1f} KB at {m['mean_width']:.0f}x{m['mean_height']:.0f} px, q{spec.quality}"
+    )
     return 0
 
 
@@ -79,10 +94,18 @@ def cmd_synth(args) -> int:
 STORAGE_FLAGS = {
     "--max-resolution": ("max_resolution", int, "longest side cap in px (folder: required; wds: re-encodes)"),
     "--jpeg-quality": ("jpeg_quality", int, "JPEG quality of re-encoded images (default 90)"),
-    "--write-mode": ("write_mode", str, "ffcv: jpg (re-encoded), raw (decoded pixels), proportion (a mix), smart"),
+    "--write-mode": (
+        "write_mode",
+        str,
+        "ffcv: jpg (re-encoded), raw (decoded pixels), proportion (a mix), smart",
+    ),
     "--compress-probability": ("compress_probability", float, "ffcv --write-mode proportion"),
     "--shard-samples": ("shard_samples", int, "wds: samples per shard (default: from --shard-mb)"),
-    "--shard-mb": ("shard_mb", float, "wds: target shard size in MB without --shard-samples (at least 16 shards)"),
+    "--shard-mb": (
+        "shard_mb",
+        float,
+        "wds: target shard size in MB without --shard-samples (at least 16 shards)",
+    ),
     "--seed": ("shard_seed", int, "wds: seed of the sample order written"),
 }
 
@@ -91,17 +114,26 @@ def _convert_parser(sub) -> None:
     from loaders import backends
 
     targets = [b.name for b in backends() if b.stored_format] + ["folder"]
-    p = sub.add_parser("convert", help="convert an ImageFolder root to a backend's stored format or a resized folder",
-                       description="Convert an ImageFolder root (train/, val/) to another storage format: "
-                       + "; ".join(f"{b.name}: {b.stored_format}" for b in backends() if b.stored_format)
-                       + "; folder: a resized ImageFolder.")
+    p = sub.add_parser(
+        "convert",
+        help="convert an ImageFolder root to a backend's stored format or a resized folder",
+        description="Convert an ImageFolder root (train/, val/) to another storage format: "
+        + "; ".join(f"{b.name}: {b.stored_format}" for b in backends() if b.stored_format)
+        + "; folder: a resized ImageFolder.",
+    )
     p.add_argument("--to", required=True, choices=targets)
     p.add_argument("--data", help="ImageFolder root; default: the generated dataset")
     p.add_argument("--out", required=True, help="output folder")
     for flag, (dest, kind, help_) in STORAGE_FLAGS.items():
         p.add_argument(flag, dest=f"store_{dest}", type=kind, help=help_)
-    p.add_argument("-o", "--loader-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other option of the target backend")
+    p.add_argument(
+        "-o",
+        "--loader-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other option of the target backend",
+    )
     p.add_argument("--workers", type=int, help="processes (default: all cores)")
 
 
@@ -118,8 +150,10 @@ def cmd_convert(args) -> int:
         if "max_resolution" not in given:
             raise LoaderError("--to folder needs --max-resolution")
         m = convert.to_folder(root, out, given["max_resolution"], given.get("jpeg_quality", 90), args.workers)
-        print(f"{out}: {m['images']} images, mean {m['mean_bytes'] / 1e3:.1f} KB at {m['mean_width']:.0f}x"
-              f"{m['mean_height']:.0f} px, q{m['jpeg_quality']}, in {m['seconds']:.1f} s")
+        print(
+            f"{out}: {m['images']} images, mean {m['mean_bytes'] / 1e3:.1f} KB at {m['mean_width']:.0f}x"
+            f"{m['mean_height']:.0f} px, q{m['jpeg_quality']}, in {m['seconds']:.1f} s"
+        )
         return 0
     backend = get_backend(args.to)
     flags = {dest: flag for flag, (dest, _, _) in STORAGE_FLAGS.items()}
@@ -145,20 +179,28 @@ def cmd_backends(args) -> int:
 
 # name: (help, description, the run-spec fields it varies from, default --out)
 HARNESS = {
-    "sweep": ("the techniques ladder: each technique's end-to-end speedup",
-              "Switch training-acceleration techniques on one at a time from a naive baseline; every step several "
-              "`bench run` trials. Writes sweep.json + results to a new --out folder and renders them with "
-              "`bench report`.",
-              ("data", "model", "batch_size", "image_size", "steps", "warmup_steps", "seed"), "reports/sweep-<time>"),
-    "doctor": ("input-bound or compute-bound? what to try first, with the numbers",
-               "Probe the synthetic ceiling, the loader alone and the two together; say which limits training "
-               "and what to try first.",
-               ("loader", "model", "data", "batch_size", "image_size", "steps", "amp", "channels_last"),
-               "reports/doctor-<time>"),
-    "tune": ("find the fastest worker / thread / prefetch settings for a backend",
-             "Measure a backend over its worker (or thread) counts, then its prefetch depth at the best count; "
-             "print the winner as -o options.",
-             ("loader", "data", "model", "batch_size", "image_size", "steps"), "reports/tune-<loader>-<time>"),
+    "sweep": (
+        "the techniques ladder: each technique's end-to-end speedup",
+        "Switch training-acceleration techniques on one at a time from a naive baseline; every step several "
+        "`bench run` trials. Writes sweep.json + results to a new --out folder and renders them with "
+        "`bench report`.",
+        ("data", "model", "batch_size", "image_size", "steps", "warmup_steps", "seed"),
+        "reports/sweep-<time>",
+    ),
+    "doctor": (
+        "input-bound or compute-bound? what to try first, with the numbers",
+        "Probe the synthetic ceiling, the loader alone and the two together; say which limits training "
+        "and what to try first.",
+        ("loader", "model", "data", "batch_size", "image_size", "steps", "amp", "channels_last"),
+        "reports/doctor-<time>",
+    ),
+    "tune": (
+        "find the fastest worker / thread / prefetch settings for a backend",
+        "Measure a backend over its worker (or thread) counts, then its prefetch depth at the best count; "
+        "print the winner as -o options.",
+        ("loader", "data", "model", "batch_size", "image_size", "steps"),
+        "reports/tune-<loader>-<time>",
+    ),
 }
 
 
@@ -183,32 +225,59 @@ def _harness_parsers(sub) -> None:
     d = Settings()
     sw = p["sweep"]
     sw.add_argument("--trials", type=int, default=d.trials, help=f"trials per step (default {d.trials})")
-    sw.add_argument("--ceiling-trials", type=int, default=d.ceiling_trials,
-                    help="synthetic-ceiling trials per model setting (0: no %% of ceiling)")
-    sw.add_argument("--techniques", default=",".join(techniques()),
-                    help="comma-separated, in ladder order (default: all): " + ", ".join(techniques()))
-    sw.add_argument("--ranks", type=int, default=0, help="DDP ranks (default: the GPUs; 2 CPU ranks without CUDA)")
+    sw.add_argument(
+        "--ceiling-trials",
+        type=int,
+        default=d.ceiling_trials,
+        help="synthetic-ceiling trials per model setting (0: no %% of ceiling)",
+    )
+    sw.add_argument(
+        "--techniques",
+        default=",".join(techniques()),
+        help="comma-separated, in ladder order (default: all): " + ", ".join(techniques()),
+    )
+    sw.add_argument(
+        "--ranks", type=int, default=0, help="DDP ranks (default: the GPUs; 2 CPU ranks without CUDA)"
+    )
     sw.add_argument("--amp", default="auto", help="auto (bf16 where supported) | bf16 | fp16")
     sw.add_argument("--early-stop-epochs", type=int, default=d.early_stop_epochs)
     sw.add_argument("--target-accuracy", type=float, default=d.target_accuracy)
-    sw.add_argument("--keep-all", action="store_true", help="keep every technique, even one that slowed training")
-    sw.add_argument("--trial-timeout", type=float, default=d.trial_timeout,
-                    help=f"seconds before a trial is called failed (default {d.trial_timeout:.0f})")
+    sw.add_argument(
+        "--keep-all", action="store_true", help="keep every technique, even one that slowed training"
+    )
+    sw.add_argument(
+        "--trial-timeout",
+        type=float,
+        default=d.trial_timeout,
+        help=f"seconds before a trial is called failed (default {d.trial_timeout:.0f})",
+    )
     sw.add_argument("--title", help="report title")
-    p["doctor"].add_argument("--quick", action="store_true", help="skip the other backends' loader-only probes")
+    p["doctor"].add_argument(
+        "--quick", action="store_true", help="skip the other backends' loader-only probes"
+    )
     p["tune"].add_argument("--trials", type=int, default=1)
-    p["tune"].add_argument("--end-to-end", action="store_true", help="tune with the model training (default: loader only)")
+    p["tune"].add_argument(
+        "--end-to-end", action="store_true", help="tune with the model training (default: loader only)"
+    )
 
 
 def cmd_sweep(args, argv) -> int:
     from .harness import report
     from .harness.sweep import Settings, Sweep
 
-    s = Settings(spec=_default_data(RunSpec.from_args(args)), trials=args.trials,
-                 ceiling_trials=args.ceiling_trials, workers=args.workers, ranks=args.ranks, amp=args.amp,
-                 early_stop_epochs=args.early_stop_epochs, target_accuracy=args.target_accuracy,
-                 keep_all=args.keep_all, trial_timeout=args.trial_timeout,
-                 techniques=tuple(t.strip() for t in args.techniques.split(",") if t.strip()))
+    s = Settings(
+        spec=_default_data(RunSpec.from_args(args)),
+        trials=args.trials,
+        ceiling_trials=args.ceiling_trials,
+        workers=args.workers,
+        ranks=args.ranks,
+        amp=args.amp,
+        early_stop_epochs=args.early_stop_epochs,
+        target_accuracy=args.target_accuracy,
+        keep_all=args.keep_all,
+        trial_timeout=args.trial_timeout,
+        techniques=tuple(t.strip() for t in args.techniques.split(",") if t.strip()),
+    )
     out = Path(args.out or f"reports/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
     Sweep(s, out, ["bench", *argv]).run()
     path = report.render(out, args.title)
@@ -233,21 +302,34 @@ def cmd_tune(args, argv) -> int:
 
     spec = _default_data(RunSpec.from_args(args, eval=False))
     out = Path(args.out or f"reports/tune-{spec.loader}-{time.strftime('%Y%m%d-%H%M%S')}")
-    doc = tune(spec, out, ["bench", *argv], trials=args.trials, end_to_end=args.end_to_end,
-               max_workers=args.max_workers)
+    doc = tune(
+        spec,
+        out,
+        ["bench", *argv],
+        trials=args.trials,
+        end_to_end=args.end_to_end,
+        max_workers=args.max_workers,
+    )
     best = " ".join(doc["best_args"]) or "(the backend's defaults)"
-    print(f"best for {spec.loader} ({doc['mode']}): {best}  ->  {doc['best_ips']:,.1f} img/s "
-          f"(defaults: {doc['default_ips'] or float('nan'):,.1f} img/s)")
+    print(
+        f"best for {spec.loader} ({doc['mode']}): {best}  ->  {doc['best_ips']:,.1f} img/s "
+        f"(defaults: {doc['default_ips'] or float('nan'):,.1f} img/s)"
+    )
     print(f"results: {out}")
     return 0
 
 
 def _report_parsers(sub) -> None:
     p = sub.add_parser("report", help="render a folder of results into README.md with plots")
-    p.add_argument("folder", help="folder holding result JSON files (and sweep.json / tune.json / doctor.json)")
+    p.add_argument(
+        "folder", help="folder holding result JSON files (and sweep.json / tune.json / doctor.json)"
+    )
     p.add_argument("--title")
-    p.add_argument("--command", dest="produced_by",
-                   help="the command that produced the folder (default: the commands recorded in it)")
+    p.add_argument(
+        "--command",
+        dest="produced_by",
+        help="the command that produced the folder (default: the commands recorded in it)",
+    )
     p = sub.add_parser("compare", help="ratio per metric between two result files or folders (B / A)")
     p.add_argument("a")
     p.add_argument("b")
@@ -272,7 +354,13 @@ def cmd_compare(args) -> int:
         t.add_column(col)
     fmt = lambda v: "n/a" if v is None else f"{v:,.4g}"  # noqa: E731
     for r in rows:
-        t.add_row(r["group"], r["metric"], fmt(r["a"]), fmt(r["b"]), "n/a" if r["ratio"] is None else f"{r['ratio']:.3f}")
+        t.add_row(
+            r["group"],
+            r["metric"],
+            fmt(r["a"]),
+            fmt(r["b"]),
+            "n/a" if r["ratio"] is None else f"{r['ratio']:.3f}",
+        )
     Console().print(t)
     return 0
 

@@ -5,6 +5,7 @@ Not part of the test suite (outside `testpaths`); run them with
 
 Each group compares the ways of doing one thing; figures are per call.
 """
+
 from __future__ import annotations
 
 import io
@@ -23,7 +24,9 @@ def data(tmp_path_factory):
     from bench.data.synth import SynthSpec, generate
 
     out = tmp_path_factory.mktemp("micro") / "set"
-    generate(out, SynthSpec(classes=4, train_per_class=48, val_per_class=8), progress=False)  # default-size images
+    generate(
+        out, SynthSpec(classes=4, train_per_class=48, val_per_class=8), progress=False
+    )  # default-size images
     return out
 
 
@@ -60,7 +63,9 @@ def test_crop_flip_uint8_tensor(benchmark, jpeg):
     from torchvision.transforms import v2
 
     t = v2.Compose([v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip()])
-    img = torch.from_numpy(np.array(Image.open(io.BytesIO(jpeg)).convert("RGB"))).permute(2, 0, 1).contiguous()
+    img = (
+        torch.from_numpy(np.array(Image.open(io.BytesIO(jpeg)).convert("RGB"))).permute(2, 0, 1).contiguous()
+    )
     benchmark(t, img)
 
 
@@ -81,8 +86,12 @@ def test_collate_uint8(benchmark):
 
 
 BACKENDS = [b.name for b in backends() if b.installed and b.name != "synthetic"]
-OPTS = {"torch": dict(num_workers=2), "wds": dict(num_workers=2), "dali": dict(num_threads=2),
-        "ffcv": dict(num_workers=2)}
+OPTS = {
+    "torch": dict(num_workers=2),
+    "wds": dict(num_workers=2),
+    "dali": dict(num_threads=2),
+    "ffcv": dict(num_workers=2),
+}
 
 
 @pytest.mark.benchmark(group="one batch of 64")

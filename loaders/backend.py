@@ -2,6 +2,7 @@
 how to prepare, recognise and describe its stored format, and which of its options are the
 parallelism, pinned-memory and prefetch knobs the harness turns. The harness asks; it never
 names a backend."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,8 +46,10 @@ class Backend:
         known = {f.name for f in dataclasses.fields(self.Options)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise LoaderError(f"loader {self.name!r} has no option(s) {', '.join(unknown)}; its options: "
-                              f"{', '.join(sorted(known)) or 'none'}")
+            raise LoaderError(
+                f"loader {self.name!r} has no option(s) {', '.join(unknown)}; its options: "
+                f"{', '.join(sorted(known)) or 'none'}"
+            )
         return self.Options(**values)
 
     def option_types(self) -> dict[str, str]:

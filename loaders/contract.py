@@ -5,6 +5,7 @@ with MEAN/STD, dtype ``config.dtype``, NCHW (channels_last memory format when as
 int64 ``[N]``. ``len()`` is batches per epoch for this rank; ``set_epoch()`` reshuffles;
 ``close()`` releases workers. Sharding is by global rank (see ``shard_indices``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -137,14 +138,18 @@ def scan_imagefolder(root: Path | str) -> FolderIndex:
     try:
         classes, class_to_idx = find_classes(str(root))
     except FileNotFoundError:
-        raise LoaderError(f"no class folders in {root} (expected ImageFolder layout: {root}/<class>/<image>)") from None
+        raise LoaderError(
+            f"no class folders in {root} (expected ImageFolder layout: {root}/<class>/<image>)"
+        ) from None
     # allow_empty=True so that we can name every empty class folder ourselves.
     samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
     counts = np.bincount([label for _, label in samples], minlength=len(classes))
     empty = [str(root / classes[i]) for i in np.flatnonzero(counts == 0)]
     if empty:
         shown = ", ".join(empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
-        raise LoaderError(f"class folder(s) with no images: {shown} (image extensions: {', '.join(IMG_EXTENSIONS)})")
+        raise LoaderError(
+            f"class folder(s) with no images: {shown} (image extensions: {', '.join(IMG_EXTENSIONS)})"
+        )
     return FolderIndex(
         root=root,
         classes=tuple(classes),
@@ -167,7 +172,9 @@ def shard_sizes(n: int, world_size: int, pad: bool) -> tuple[int, int]:
     return (per_rank, per_rank * world_size - n) if pad else (n // world_size, 0)
 
 
-def shard_indices(n: int, rank: int, world_size: int, *, shuffle: bool, seed: int, epoch: int, pad: bool) -> np.ndarray:
+def shard_indices(
+    n: int, rank: int, world_size: int, *, shuffle: bool, seed: int, epoch: int, pad: bool
+) -> np.ndarray:
     """Indices this rank reads this epoch: the same permutation on every rank, strided by rank
     (DistributedSampler's scheme, so it is usable by backends that do not use DistributedSampler)."""
     if shuffle:
@@ -186,7 +193,7 @@ def num_batches(num_samples: int, batch_size: int, drop_last: bool) -> int:
     return num_samples // batch_size if drop_last else math.ceil(num_samples / batch_size)
 
 
-def rank_share(n: int, cfg: "LoaderConfig", where) -> tuple[int, int]:
+def rank_share(n: int, cfg: LoaderConfig, where) -> tuple[int, int]:
     """(samples this rank yields per epoch, padded samples in all) for the strided split of
     ``shard_indices``; ``where`` names the data in the error for too few samples."""
     if n < cfg.world_size:
@@ -250,4 +257,5 @@ class BaseLoader:
             raise LoaderError(
                 f"every sample of a batch on rank {self.config.rank} was bad ({', '.join(p for p, _ in bad[:3])}"
                 f"{' ...' if len(bad) > 3 else ''}); skipping it would leave the ranks a step apart. Remove the "
-                "bad files or use a larger batch size")
+                "bad files or use a larger batch size"
+            )

@@ -16,6 +16,7 @@ Bad files: DALI fails a whole batch without naming the file, so on a pipeline er
 decodes the files around the failing batch with PIL to find and name them; under ``skip`` it drops
 them and restarts the pipeline at the same place in the epoch (nothing yielded twice or lost).
 """
+
 from __future__ import annotations
 
 import os
@@ -26,11 +27,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backend import Backend
-from .contract import (MEAN, STD, BaseLoader, FolderIndex, LoaderConfig, LoaderError, rank_share, scan_imagefolder,
-                       shard_indices, shard_sizes)
-from .pil import decode_problem
 from . import shards
+from .backend import Backend
+from .contract import (
+    MEAN,
+    STD,
+    BaseLoader,
+    FolderIndex,
+    LoaderConfig,
+    LoaderError,
+    rank_share,
+    scan_imagefolder,
+    shard_indices,
+    shard_sizes,
+)
+from .pil import decode_problem
 
 DECODES = ("auto", "gpu", "cpu")
 READERS = ("file", "wds")
@@ -42,7 +53,9 @@ class Options:
     num_threads: int | None = None  # DALI CPU threads; default: the cores
     hw_decoder_load: float = 0.65  # share of JPEGs for the hardware decoder (A100/H100), GPU decode only
     prefetch_queue_depth: int = 2
-    reader: str = "file"  # file: the ImageFolder's JPEGs | wds: the wds backend's tar shards (fn.readers.webdataset)
+    reader: str = (
+        "file"  # file: the ImageFolder's JPEGs | wds: the wds backend's tar shards (fn.readers.webdataset)
+    )
 
 
 class DaliBackend(Backend):
@@ -54,12 +67,14 @@ class DaliBackend(Backend):
     min_workers = 1
     prefetch_values = (1, 2, 3, 4)
 
-    def build(self, cfg: LoaderConfig, opts: Options) -> "DaliLoader":
+    def build(self, cfg: LoaderConfig, opts: Options) -> DaliLoader:
         if opts.decode not in DECODES:
             raise LoaderError(f"dali option decode must be one of {', '.join(DECODES)}, got {opts.decode!r}")
         if opts.decode == "gpu" and cfg.device.type != "cuda":
-            raise LoaderError("dali decode='gpu' needs a CUDA device; this run's device is "
-                              f"{cfg.device} (use decode='cpu' or 'auto')")
+            raise LoaderError(
+                "dali decode='gpu' needs a CUDA device; this run's device is "
+                f"{cfg.device} (use decode='cpu' or 'auto')"
+            )
         if opts.num_threads is not None and opts.num_threads < 1:
             raise LoaderError(f"dali num_threads must be >= 1, got {opts.num_threads}")
         if not 0.0 <= opts.hw_decoder_load <= 1.0:
@@ -98,21 +113,39 @@ def _pipeline(cfg: LoaderConfig, opts: Options, reader: dict, seed: int, gpu_dec
     cuda = cfg.device.type == "cuda"
     size = cfg.image_size
 
-    @pipeline_def(batch_size=cfg.batch_size, num_threads=opts.num_threads or os.cpu_count() or 1,
-                  # Never a device id without CUDA: DALI then refuses even CPU-only pipelines.
-                  device_id=(cfg.device.index or 0) if cuda else None, seed=seed,
-                  prefetch_queue_depth=opts.prefetch_queue_depth, exec_dynamic=True)
+    @pipeline_def(
+        batch_size=cfg.batch_size,
+        num_threads=opts.num_threads or os.cpu_count() or 1,
+        # Never a device id without CUDA: DALI then refuses even CPU-only pipelines.
+        device_id=(cfg.device.index or 0) if cuda else None,
+        seed=seed,
+        prefetch_queue_depth=opts.prefetch_queue_depth,
+        exec_dynamic=True,
+    )
     def pipe():
         if "paths" in reader:
-            jpegs, label = fn.readers.webdataset(ext=["jpg", "lbl"], dtypes=[types.UINT8, types.INT64],
-                                                 missing_component_behavior="error", pad_last_batch=True,
-                                                 stick_to_shard=True, name="Reader", **reader)
+            jpegs, label = fn.readers.webdataset(
+                ext=["jpg", "lbl"],
+                dtypes=[types.UINT8, types.INT64],
+                missing_component_behavior="error",
+                pad_last_batch=True,
+                stick_to_shard=True,
+                name="Reader",
+                **reader,
+            )
         else:
             jpegs, label = fn.readers.file(random_shuffle=False, pad_last_batch=True, name="Reader", **reader)
-        decoder = dict(device="mixed", hw_decoder_load=opts.hw_decoder_load) if gpu_decode else dict(device="cpu")
+        decoder = (
+            dict(device="mixed", hw_decoder_load=opts.hw_decoder_load) if gpu_decode else dict(device="cpu")
+        )
         if cfg.train:
-            images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=[0.08, 1.0],
-                                                   random_aspect_ratio=[3 / 4, 4 / 3], **decoder)
+            images = fn.decoders.image_random_crop(
+                jpegs,
+                output_type=types.RGB,
+                random_area=[0.08, 1.0],
+                random_aspect_ratio=[3 / 4, 4 / 3],
+                **decoder,
+            )
             images = fn.resize(images, resize_x=size, resize_y=size, antialias=True)
             mirror = fn.random.coin_flip(probability=0.5)
         else:  # torchvision's eval: shorter side to size / 0.875, then a centre crop
@@ -122,8 +155,11 @@ def _pipeline(cfg: LoaderConfig, opts: Options, reader: dict, seed: int, gpu_dec
         if cuda and not gpu_decode:
             images = images.gpu()  # "dali-cpu": CPU decode + crop, normalise on the GPU
         images = fn.crop_mirror_normalize(
-            images, crop=(size, size), mirror=mirror,
-            mean=[m * 255 for m in MEAN], std=[s * 255 for s in STD],
+            images,
+            crop=(size, size),
+            mirror=mirror,
+            mean=[m * 255 for m in MEAN],
+            std=[s * 255 for s in STD],
             dtype=types.FLOAT16 if cfg.dtype == torch.float16 else types.FLOAT,
             output_layout="HWC" if cfg.channels_last else "CHW",
         )
@@ -157,8 +193,15 @@ class DaliLoader(BaseLoader):
 
     def _order(self) -> np.ndarray:
         cfg = self.config
-        return shard_indices(len(self.index), cfg.rank, cfg.world_size, shuffle=cfg.train, seed=cfg.seed,
-                             epoch=self.epoch, pad=cfg.train)
+        return shard_indices(
+            len(self.index),
+            cfg.rank,
+            cfg.world_size,
+            shuffle=cfg.train,
+            seed=cfg.seed,
+            epoch=self.epoch,
+            pad=cfg.train,
+        )
 
     def _start(self, order: np.ndarray, restart: int):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -166,11 +209,19 @@ class DaliLoader(BaseLoader):
         self.close()
         cfg = self.config
         seed = hash((cfg.seed, self.epoch, cfg.rank, restart)) & 0x7FFF_FFFF
-        files = dict(files=[str(p) for p in self.index.paths[order]], labels=[int(v) for v in self.index.labels[order]])
+        files = dict(
+            files=[str(p) for p in self.index.paths[order]], labels=[int(v) for v in self.index.labels[order]]
+        )
         self._pipe = _pipeline(cfg, self.options, files, seed, self.gpu_decode)
         policy = LastBatchPolicy.DROP if cfg.drop_last else LastBatchPolicy.PARTIAL
-        return DALIGenericIterator(self._pipe, ["images", "labels"], reader_name="Reader", last_batch_policy=policy,
-                                   auto_reset=False, prepare_first_batch=False)
+        return DALIGenericIterator(
+            self._pipe,
+            ["images", "labels"],
+            reader_name="Reader",
+            last_batch_policy=policy,
+            auto_reset=False,
+            prepare_first_batch=False,
+        )
 
     def __iter__(self):
         self._bad: set[str] = set()
@@ -201,7 +252,7 @@ class DaliLoader(BaseLoader):
         """Find the bad files around the failing batch (at most prefetch_queue_depth + 1 batches ahead
         of ``pos``) with PIL; name them (stop) or restart the pipeline past them (skip)."""
         cfg, order, paths_of = self.config, self._left, self.index.paths
-        window = order[pos: pos + (self.options.prefetch_queue_depth + 2) * cfg.batch_size]
+        window = order[pos : pos + (self.options.prefetch_queue_depth + 2) * cfg.batch_size]
         paths = sorted({str(p) for p in paths_of[window]})
         bad = [(p, why) for p, why in zip(paths, map(decode_problem, paths)) if why]
         if not bad:
@@ -237,15 +288,19 @@ class DaliLoader(BaseLoader):
             self._pipe = None
 
 
-def _build_wds(cfg: LoaderConfig, opts: Options) -> "DaliShardLoader":
+def _build_wds(cfg: LoaderConfig, opts: Options) -> DaliShardLoader:
     if cfg.on_bad_sample == "skip":
-        raise LoaderError("dali reader='wds' cannot skip bad samples (DALI fails a whole batch inside its pipeline "
-                          "without naming the sample); use on_bad_sample='stop', or --loader wds, which skips them")
+        raise LoaderError(
+            "dali reader='wds' cannot skip bad samples (DALI fails a whole batch inside its pipeline "
+            "without naming the sample); use on_bad_sample='stop', or --loader wds, which skips them"
+        )
     data = Path(cfg.data)
     # a shard folder, or an ImageFolder split converted (cached) as the wds backend's default does
     data, manifest = shards.resolve_shards(data, shards.Sharding(), progress=cfg.rank == 0)
     if manifest["samples"] < cfg.world_size:
-        raise LoaderError(f"{manifest['samples']} samples in {data} cannot be split over {cfg.world_size} ranks")
+        raise LoaderError(
+            f"{manifest['samples']} samples in {data} cannot be split over {cfg.world_size} ranks"
+        )
     return DaliShardLoader(cfg, opts, data, manifest)
 
 
@@ -274,8 +329,11 @@ class DaliShardLoader(DaliLoader):
 
     def describe(self) -> dict:
         d = super().describe()
-        d.update(shards=len(self.manifest["shards"]), shard_folder=str(self.folder),
-                 storage={**self.manifest["storage"], "sharding": self.manifest["sharding"]})
+        d.update(
+            shards=len(self.manifest["shards"]),
+            shard_folder=str(self.folder),
+            storage={**self.manifest["storage"], "sharding": self.manifest["sharding"]},
+        )
         return d
 
     def _paths(self) -> list[Path]:
@@ -291,8 +349,13 @@ class DaliShardLoader(DaliLoader):
         cfg = self.config
         paths = self._paths()
         indexes = [p.with_suffix(".idx") for p in paths]
-        reader = dict(paths=[str(p) for p in paths], shard_id=cfg.rank, num_shards=cfg.world_size,
-                      random_shuffle=cfg.train, initial_fill=min(1024, max(2, self.num_samples)))
+        reader = dict(
+            paths=[str(p) for p in paths],
+            shard_id=cfg.rank,
+            num_shards=cfg.world_size,
+            random_shuffle=cfg.train,
+            initial_fill=min(1024, max(2, self.num_samples)),
+        )
         if all(i.is_file() for i in indexes):  # else DALI infers the index (slower to start)
             reader["index_paths"] = [str(i) for i in indexes]
         self.close()
@@ -303,11 +366,19 @@ class DaliShardLoader(DaliLoader):
             # DALI warns that an explicit size can miss or repeat samples across its epochs; this
             # pipeline lives for one epoch, and size is what trims it to exactly this rank's share.
             warnings.filterwarnings("ignore", message="Please set `reader_name`")
-            it = DALIGenericIterator(self._pipe, ["images", "labels"], size=self.num_samples,
-                                     last_batch_policy=policy, last_batch_padded=True, auto_reset=False,
-                                     prepare_first_batch=False)
+            it = DALIGenericIterator(
+                self._pipe,
+                ["images", "labels"],
+                size=self.num_samples,
+                last_batch_policy=policy,
+                last_batch_padded=True,
+                auto_reset=False,
+                prepare_first_batch=False,
+            )
         return self._run(it, self._failed)
 
     def _failed(self, exc: RuntimeError, pos: int):
-        raise LoaderError(f"DALI failed reading the shards in {self.folder}: {str(exc).splitlines()[0]} "
-                          "(--loader wds reads the same shards and names a bad sample)") from exc
+        raise LoaderError(
+            f"DALI failed reading the shards in {self.folder}: {str(exc).splitlines()[0]} "
+            "(--loader wds reads the same shards and names a bad sample)"
+        ) from exc

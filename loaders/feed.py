@@ -1,6 +1,7 @@
 """The device feed: host batches become the contract's tensors on the device (pinned,
 non-blocking copies; normalisation on the device; with both on CUDA the copy of batch k+1 on a
 side stream while the model runs batch k: timm's PrefetchLoader idea)."""
+
 from __future__ import annotations
 
 import torch
@@ -25,9 +26,11 @@ class DeviceFeed:
         self.cfg, self.device_normalize, self.non_blocking = cfg, device_normalize, non_blocking
 
     @classmethod
-    def for_options(cls, cfg: LoaderConfig, opts) -> "DeviceFeed":
+    def for_options(cls, cfg: LoaderConfig, opts) -> DeviceFeed:
         """From Options with pin_memory, non_blocking (None: follow pin_memory) and device_normalize."""
-        return cls(cfg, opts.device_normalize, opts.pin_memory if opts.non_blocking is None else opts.non_blocking)
+        return cls(
+            cfg, opts.device_normalize, opts.pin_memory if opts.non_blocking is None else opts.non_blocking
+        )
 
     def __call__(self, batches):
         if self.cfg.device.type == "cuda" and self.device_normalize:

@@ -14,6 +14,7 @@ Known limits: FFCV does not seed its augmentations (crops and flips differ betwe
 the same seed; the order does not); its first epoch in a process spends seconds compiling,
 reported as ``first_batch_seconds``.
 """
+
 from __future__ import annotations
 
 import json
@@ -175,7 +176,9 @@ def _patch_writer() -> None:
             bars.clear()
             if _WRITER_OUT_OF_SPACE in codes:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            raise LoaderError(f"an FFCV writer process failed (exit status {sorted(codes)}; its error is above)")
+            raise LoaderError(
+                f"an FFCV writer process failed (exit status {sorted(codes)}; its error is above)"
+            )
 
     w.worker_job_indexed_dataset = guarded_job
     w.Process = TrackedProcess
@@ -221,13 +224,20 @@ def _validate_images(paths: np.ndarray, workers: int) -> None:
     with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL while decoding
         for path, problem in zip(names, pool.map(decode_problem, names, chunksize=64)):
             if problem:
-                raise LoaderError(f"cannot convert {path}: {problem} (ffcv decodes inside its compiled pipeline and "
-                                  "cannot skip a bad sample, so conversion checks every image: remove or replace "
-                                  "the file, then convert again)")
+                raise LoaderError(
+                    f"cannot convert {path}: {problem} (ffcv decodes inside its compiled pipeline and "
+                    "cannot skip a bad sample, so conversion checks every image: remove or replace "
+                    "the file, then convert again)"
+                )
 
 
-def convert_beton(split: Path | str, out: Path | str, storage: Storage = Storage(), workers: int | None = None,
-                  progress: bool = True) -> dict:
+def convert_beton(
+    split: Path | str,
+    out: Path | str,
+    storage: Storage = Storage(),
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Write ImageFolder ``split`` to the .beton ``out`` and its manifest ``out.json``.
 
     Written to a hidden temporary and renamed, manifest last: a .beton without its manifest (or
@@ -251,8 +261,12 @@ def convert_beton(split: Path | str, out: Path | str, storage: Storage = Storage
     with temp_output(out) as tmp:
         writer = None
         try:
-            field = RGBImageField(write_mode=storage.write_mode, max_resolution=storage.max_resolution,
-                                  jpeg_quality=storage.jpeg_quality, compress_probability=storage.compress_probability)
+            field = RGBImageField(
+                write_mode=storage.write_mode,
+                max_resolution=storage.max_resolution,
+                jpeg_quality=storage.jpeg_quality,
+                compress_probability=storage.compress_probability,
+            )
             writer = DatasetWriter(str(tmp), {"image": field, "label": IntField()}, num_workers=workers)
             writer.from_indexed_dataset(_Images(index.paths, index.labels), chunksize=32)
         except BaseException:
@@ -281,8 +295,10 @@ def convert_beton(split: Path | str, out: Path | str, storage: Storage = Storage
             os.replace(tmp, out)
             os.replace(m_tmp, m_path)
     if progress:
-        print(f"ffcv: wrote {out} ({manifest['bytes'] / 1e6:.1f} MB, {len(index)} samples) in "
-              f"{manifest['seconds']:.1f} s")
+        print(
+            f"ffcv: wrote {out} ({manifest['bytes'] / 1e6:.1f} MB, {len(index)} samples) in "
+            f"{manifest['seconds']:.1f} s"
+        )
     return manifest
 
 
@@ -294,8 +310,10 @@ def read_manifest(beton: Path, verify: bool = True) -> dict:
     if not beton.is_file():
         raise LoaderError(f"ffcv file not found: {beton}")
     if not m_path.is_file():
-        raise LoaderError(f"{beton} has no manifest {m_path.name}: an interrupted or foreign conversion; "
-                          "convert again with `bench data convert --to ffcv`")
+        raise LoaderError(
+            f"{beton} has no manifest {m_path.name}: an interrupted or foreign conversion; "
+            "convert again with `bench data convert --to ffcv`"
+        )
     try:
         manifest = json.loads(m_path.read_text())
         entry = {"file": beton.name, "bytes": manifest["bytes"], "sha1": manifest.get("sha1")}
@@ -307,8 +325,11 @@ def read_manifest(beton: Path, verify: bool = True) -> dict:
 
 def cached_beton(split: Path, storage: Storage, progress: bool = True) -> Path:
     """The .beton of an ImageFolder split under these storage choices, converted on first use."""
-    return cached(cache_dir("ffcv", split, asdict(storage)) / f"{split.name}.beton", read_manifest,
-                  lambda out: convert_beton(split, out, storage, progress=progress))
+    return cached(
+        cache_dir("ffcv", split, asdict(storage)) / f"{split.name}.beton",
+        read_manifest,
+        lambda out: convert_beton(split, out, storage, progress=progress),
+    )
 
 
 def storage_of(opts: Options) -> Storage:
@@ -325,7 +346,7 @@ class FfcvBackend(Backend):
     prefetch_values = (1, 2, 3, 5)
     stored_format = "FFCV .beton files"
 
-    def build(self, cfg: LoaderConfig, opts: Options) -> "FfcvLoader":
+    def build(self, cfg: LoaderConfig, opts: Options) -> FfcvLoader:
         return _build(cfg, opts)
 
     def prepare(self, split: Path, opts: Options) -> None:
@@ -342,16 +363,24 @@ class FfcvBackend(Backend):
     def storage_stats(self, path: Path) -> dict | None:
         if path.suffix != ".beton":
             return None  # its manifest is recorded as the loader's storage
-        return {"source": str(path), "mean_width": None, "mean_height": None, "mean_bytes": None,
-                "jpeg_quality": None}
+        return {
+            "source": str(path),
+            "mean_width": None,
+            "mean_height": None,
+            "mean_bytes": None,
+            "jpeg_quality": None,
+        }
 
     def convert(self, split: Path, out_root: Path, opts, workers: int | None = None) -> tuple[Path, str]:
         out = out_root / f"{split.name}.beton"
         m = convert_beton(split, out, storage_of(opts), workers=workers, progress=False)
-        return out, f"ffcv: wrote {out} ({m['bytes'] / 1e6:.1f} MB, {m['samples']} samples) in {m['seconds']:.1f} s"
+        return (
+            out,
+            f"ffcv: wrote {out} ({m['bytes'] / 1e6:.1f} MB, {m['samples']} samples) in {m['seconds']:.1f} s",
+        )
 
 
-def _build(cfg: LoaderConfig, opts: Options) -> "FfcvLoader":
+def _build(cfg: LoaderConfig, opts: Options) -> FfcvLoader:
     if opts.order not in ORDERS:
         raise LoaderError(f"ffcv order must be one of {', '.join(ORDERS)}, got {opts.order!r}")
     if opts.num_workers is not None and opts.num_workers < 1:
@@ -363,15 +392,21 @@ def _build(cfg: LoaderConfig, opts: Options) -> "FfcvLoader":
     distributed = cfg.train and cfg.world_size > 1
     if distributed:
         if opts.order == "quasi_random":
-            raise LoaderError("ffcv order 'quasi_random' cannot be used with several ranks (FFCV forbids it "
-                              "with distributed=True); use order='random'")
+            raise LoaderError(
+                "ffcv order 'quasi_random' cannot be used with several ranks (FFCV forbids it "
+                "with distributed=True); use order='random'"
+            )
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()):
-            raise LoaderError("ffcv training on several ranks needs an initialised torch.distributed process "
-                              "group (FFCV takes the rank from it)")
+            raise LoaderError(
+                "ffcv training on several ranks needs an initialised torch.distributed process "
+                "group (FFCV takes the rank from it)"
+            )
         if dist.get_rank() != cfg.rank or dist.get_world_size() != cfg.world_size:
-            raise LoaderError(f"ffcv: rank {cfg.rank}/{cfg.world_size} differs from the process group's "
-                              f"{dist.get_rank()}/{dist.get_world_size()}")
+            raise LoaderError(
+                f"ffcv: rank {cfg.rank}/{cfg.world_size} differs from the process group's "
+                f"{dist.get_rank()}/{dist.get_world_size()}"
+            )
     if cfg.data is None:
         raise LoaderError("the ffcv backend needs data= (a .beton, or an ImageFolder split to convert)")
     data = Path(cfg.data)
@@ -391,14 +426,21 @@ class FfcvLoader(BaseLoader):
         self.options, self.beton, self.manifest = opts, beton, manifest
         cores = os.cpu_count() or 1
         self.workers = min(opts.num_workers or cores, cores)
-        self.note = (f"num_workers {opts.num_workers} capped at the {cores} cores (FFCV refuses more)"
-                     if opts.num_workers and opts.num_workers > cores else None)
+        self.note = (
+            f"num_workers {opts.num_workers} capped at the {cores} cores (FFCV refuses more)"
+            if opts.num_workers and opts.num_workers > cores
+            else None
+        )
         self.first_batch_seconds: float | None = None  # includes numba's compilation (first epoch)
         self._loader = self._make(distributed)
 
     def _make(self, distributed: bool):
         _import_ffcv()
-        from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
+        from ffcv.fields.decoders import (
+            CenterCropRGBImageDecoder,
+            IntDecoder,
+            RandomResizedCropRGBImageDecoder,
+        )
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
 
@@ -417,9 +459,15 @@ class FfcvLoader(BaseLoader):
             label.append(ToDevice(cfg.device, non_blocking=True))
         image.append(ToTorchImage(channels_last=True))  # a view: NHWC storage seen as NCHW
         order = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM}[self.options.order]
-        kwargs = dict(batch_size=cfg.batch_size, num_workers=self.workers, os_cache=self.options.os_cache,
-                      drop_last=cfg.drop_last, batches_ahead=self.options.batches_ahead, seed=cfg.seed,
-                      pipelines={"image": image, "label": label})
+        kwargs = dict(
+            batch_size=cfg.batch_size,
+            num_workers=self.workers,
+            os_cache=self.options.os_cache,
+            drop_last=cfg.drop_last,
+            batches_ahead=self.options.batches_ahead,
+            seed=cfg.seed,
+            pipelines={"image": image, "label": label},
+        )
         if cfg.train:
             kwargs.update(order=order, distributed=distributed)
         else:  # exact split, no padding
@@ -465,7 +513,9 @@ class FfcvLoader(BaseLoader):
                 except StopIteration:
                     break
                 except Exception as exc:  # raised in FFCV's pipeline thread (see _patch_epoch_iterator)
-                    raise LoaderError(f"ffcv failed reading {self.beton}: {type(exc).__name__}: {exc}") from exc
+                    raise LoaderError(
+                        f"ffcv failed reading {self.beton}: {type(exc).__name__}: {exc}"
+                    ) from exc
                 if self.first_batch_seconds is None:
                     self.first_batch_seconds = time.perf_counter() - start
                 labels = labels.view(-1)

@@ -1,6 +1,7 @@
 """The PIL pipeline every CPU-decoding backend shares: decode with a full check, torchvision v2
 random-resized-crop + flip (train) or resize + centre crop (eval), seeded per sample and epoch,
 and a collate that reports bad samples to the main process instead of failing in a worker."""
+
 from __future__ import annotations
 
 import io
@@ -44,8 +45,9 @@ def shrink(image, max_resolution: int | None):
     if max_resolution is None or max(image.size) <= max_resolution:
         return image
     scale = max_resolution / max(image.size)
-    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                        Image.Resampling.LANCZOS)
+    return image.resize(
+        (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS
+    )
 
 
 def transform_for(cfg: LoaderConfig, float_in_workers: bool) -> v2.Compose:
@@ -91,6 +93,8 @@ def collate_checked(batch):
 
 def describe_pil(opts, cfg: LoaderConfig) -> dict:
     """Where a PIL-decoding, DataLoader-fed loader decodes and normalises (for its result)."""
-    return {"decode": "cpu (PIL) in DataLoader workers" if opts.num_workers else "cpu (PIL) in the main process",
-            "normalize": "device" if opts.device_normalize else "workers",
-            "pin_memory_effective": opts.pin_memory and cfg.device.type == "cuda"}
+    return {
+        "decode": "cpu (PIL) in DataLoader workers" if opts.num_workers else "cpu (PIL) in the main process",
+        "normalize": "device" if opts.device_normalize else "workers",
+        "pin_memory_effective": opts.pin_memory and cfg.device.type == "cuda",
+    }

@@ -5,6 +5,7 @@ Every acceleration knob is its own option so the harness can measure each one:
 ``prefetch_factor`` and ``device_normalize`` (uint8 collate, host->device copy on a side CUDA
 stream one batch ahead, normalisation on the device: timm's PrefetchLoader idea).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,7 +14,15 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from .backend import Backend
-from .contract import BaseLoader, FolderIndex, LoaderConfig, LoaderError, rank_share, scan_imagefolder, shard_indices
+from .contract import (
+    BaseLoader,
+    FolderIndex,
+    LoaderConfig,
+    LoaderError,
+    rank_share,
+    scan_imagefolder,
+    shard_indices,
+)
 from .feed import DeviceFeed
 from .pil import collate_checked, describe_pil, sample, transform_for
 from .workers import check_worker_options, worker_loader
@@ -34,11 +43,16 @@ class TorchBackend(Backend):
     name = "torch"
     summary = "torchvision ImageFolder + transforms v2 + DataLoader"
     Options = Options
-    knobs = {"workers": "num_workers", "pin_memory": "pin_memory", "persistent": "persistent_workers",
-             "prefetch": "prefetch_factor", "device_normalize": "device_normalize"}
+    knobs = {
+        "workers": "num_workers",
+        "pin_memory": "pin_memory",
+        "persistent": "persistent_workers",
+        "prefetch": "prefetch_factor",
+        "device_normalize": "device_normalize",
+    }
     prefetch_values = (2, 4, 8)
 
-    def build(self, cfg: LoaderConfig, opts: Options) -> "TorchLoader":
+    def build(self, cfg: LoaderConfig, opts: Options) -> TorchLoader:
         check_worker_options(opts)
         if cfg.data is None:
             raise LoaderError("the torch backend needs data= (an ImageFolder split folder)")
@@ -66,7 +80,7 @@ class _Samples(Dataset):
 class _EpochKeys(Sampler):
     """Wraps a rank's index sampler to yield (epoch, index) keys for ``_Samples``."""
 
-    def __init__(self, loader: "TorchLoader"):
+    def __init__(self, loader: TorchLoader):
         self.loader = loader
 
     def __len__(self) -> int:
@@ -93,7 +107,12 @@ class TorchLoader(BaseLoader):
         if cfg.train:
             # DistributedSampler pads to equal shards (<= world_size - 1 repeats): DDP never hangs.
             self._index_sampler = DistributedSampler(
-                range(n), num_replicas=cfg.world_size, rank=cfg.rank, shuffle=True, seed=cfg.seed, drop_last=False
+                range(n),
+                num_replicas=cfg.world_size,
+                rank=cfg.rank,
+                shuffle=True,
+                seed=cfg.seed,
+                drop_last=False,
             )
         else:
             self._index_sampler = lambda epoch: shard_indices(
@@ -101,8 +120,13 @@ class TorchLoader(BaseLoader):
             )
         self._loader = worker_loader(
             _Samples(index, transform_for(cfg, float_in_workers=not opts.device_normalize), cfg.seed),
-            opts, self.name, cfg.device.type == "cuda",
-            batch_size=cfg.batch_size, sampler=_EpochKeys(self), collate_fn=collate_checked, drop_last=cfg.drop_last,
+            opts,
+            self.name,
+            cfg.device.type == "cuda",
+            batch_size=cfg.batch_size,
+            sampler=_EpochKeys(self),
+            collate_fn=collate_checked,
+            drop_last=cfg.drop_last,
             # Workers share the main process's numpy/torch seeds only through this generator.
             generator=torch.Generator().manual_seed(cfg.seed),
         )
@@ -121,4 +145,3 @@ class TorchLoader(BaseLoader):
 
     def close(self) -> None:
         self._loader.close()
-

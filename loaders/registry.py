@@ -4,6 +4,7 @@ A backend outside this package registers through ``LOADERBENCH_BACKENDS=module:C
 then known to every `bench` process, the child processes of sweeps and ranks included) or, in one
 process, ``register(cls)``.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -54,8 +55,10 @@ def get_backend(name: str, installed: bool = True) -> Backend:
     except KeyError:
         raise LoaderError(f"unknown loader {name!r}; known: {', '.join(BACKENDS)}") from None
     if installed and not backend.installed:
-        raise LoaderError(f"loader {name!r} needs {', '.join(backend.missing)}, which is not installed: "
-                          f"{backend.install_hint()}")
+        raise LoaderError(
+            f"loader {name!r} needs {', '.join(backend.missing)}, which is not installed: "
+            f"{backend.install_hint()}"
+        )
     return backend
 
 

@@ -7,6 +7,7 @@ which DALI's ``fn.readers.webdataset`` reads as INT64), the source path as ``<ke
 ``manifest.json`` (written last) lists every shard with its sample count, byte size and SHA-1; DALI
 index files (``wds2idx``) sit beside the shards when DALI is installed.
 """
+
 from __future__ import annotations
 
 import io
@@ -100,8 +101,13 @@ def _write_index(tar: Path) -> bool:
     return True
 
 
-def convert_shards(split: Path | str, out: Path | str, sharding: Sharding = Sharding(), workers: int | None = None,
-                   progress: bool = True) -> dict:
+def convert_shards(
+    split: Path | str,
+    out: Path | str,
+    sharding: Sharding = Sharding(),
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Write ImageFolder ``split`` as tar shards in the new folder ``out``.
 
     Everything is written in a hidden sibling folder and renamed when complete, manifest last:
@@ -130,18 +136,26 @@ def convert_shards(split: Path | str, out: Path | str, sharding: Sharding = Shar
         reencode = sharding.max_resolution is not None
         pool = ProcessPoolExecutor(max_workers=workers or os.cpu_count()) if reencode else None
         encoded = pool.map(_image_bytes, tasks, chunksize=16) if pool else map(_image_bytes, tasks)
-        bar = tqdm(total=n, desc=f"{split.name} -> {len(bounds) - 1} shards", unit="img", disable=not progress)
+        bar = tqdm(
+            total=n, desc=f"{split.name} -> {len(bounds) - 1} shards", unit="img", disable=not progress
+        )
         try:
             for j in range(len(bounds) - 1):
                 name = SHARD_PATTERN % j
                 # Fixed mtime: the same input writes byte-identical shards.
                 with wds.TarWriter(str(tmp / name), encoder=False, mtime=0) as sink:
-                    for i in order[bounds[j]:bounds[j + 1]]:
+                    for i in order[bounds[j] : bounds[j + 1]]:
                         data, was_reencoded = next(encoded)
                         label = int(index.labels[i])
-                        sink.write({"__key__": f"{i:09d}", "jpg": data, "cls": str(label).encode(),
-                                    "lbl": np.int64(label).tobytes(),
-                                    "path": os.path.relpath(str(index.paths[i]), split).encode()})
+                        sink.write(
+                            {
+                                "__key__": f"{i:09d}",
+                                "jpg": data,
+                                "cls": str(label).encode(),
+                                "lbl": np.int64(label).tobytes(),
+                                "path": os.path.relpath(str(index.paths[i]), split).encode(),
+                            }
+                        )
                         reencoded += was_reencoded
                         image_bytes += len(data)
                         bar.update()
@@ -158,11 +172,18 @@ def convert_shards(split: Path | str, out: Path | str, sharding: Sharding = Shar
             "classes": list(index.classes),
             "shards": shards,
             "sharding": asdict(sharding),
-            "storage": {"max_resolution": sharding.max_resolution,
-                        "jpeg_quality": sharding.jpeg_quality if sharding.max_resolution else None,
-                        "reencoded": reencoded, "mean_bytes": image_bytes / n},
-            "fields": {"jpg": "image bytes", "cls": "class index, ASCII", "lbl": "class index, int64 LE",
-                       "path": "source path relative to the split"},
+            "storage": {
+                "max_resolution": sharding.max_resolution,
+                "jpeg_quality": sharding.jpeg_quality if sharding.max_resolution else None,
+                "reencoded": reencoded,
+                "mean_bytes": image_bytes / n,
+            },
+            "fields": {
+                "jpg": "image bytes",
+                "cls": "class index, ASCII",
+                "lbl": "class index, int64 LE",
+                "path": "source path relative to the split",
+            },
             "dali_index": dali_index,
             "seconds": round(time.perf_counter() - start, 2),
         }
@@ -170,8 +191,10 @@ def convert_shards(split: Path | str, out: Path | str, sharding: Sharding = Shar
         os.rename(tmp, out)
     if progress:
         size = sum(s["bytes"] for s in shards)
-        print(f"wds: wrote {out} ({len(shards)} shards, {size / 1e6:.1f} MB, {n} samples) in "
-              f"{manifest['seconds']:.1f} s")
+        print(
+            f"wds: wrote {out} ({len(shards)} shards, {size / 1e6:.1f} MB, {n} samples) in "
+            f"{manifest['seconds']:.1f} s"
+        )
     return manifest
 
 
@@ -185,8 +208,10 @@ def read_manifest(folder: Path, verify: bool = True) -> dict:
     if not folder.is_dir():
         raise LoaderError(f"wds shard folder not found: {folder}")
     if not m_path.is_file():
-        raise LoaderError(f"{folder} has no {MANIFEST}: not a shard folder, or an interrupted conversion; "
-                          "convert with `bench data convert --to wds`")
+        raise LoaderError(
+            f"{folder} has no {MANIFEST}: not a shard folder, or an interrupted conversion; "
+            "convert with `bench data convert --to wds`"
+        )
     manifest = read_own_manifest(m_path, KIND)
     verify_files(folder, manifest["shards"], "shard", verify)
     return manifest
@@ -198,8 +223,11 @@ def is_shard_folder(path: Path) -> bool:
 
 def cached_shards(split: Path, sharding: Sharding, progress: bool = True) -> Path:
     """The shards of an ImageFolder split under these choices, converted on first use."""
-    return cached(cache_dir("wds", split, asdict(sharding)) / split.name, read_manifest,
-                  lambda out: convert_shards(split, out, sharding, progress=progress))
+    return cached(
+        cache_dir("wds", split, asdict(sharding)) / split.name,
+        read_manifest,
+        lambda out: convert_shards(split, out, sharding, progress=progress),
+    )
 
 
 def resolve_shards(data: Path, sharding: Sharding, progress: bool) -> tuple[Path, dict]:
@@ -211,12 +239,19 @@ def resolve_shards(data: Path, sharding: Sharding, progress: bool) -> tuple[Path
 
 
 def storage_stats(manifest: dict) -> dict:
-    return {"source": manifest["source"], "mean_width": None, "mean_height": None,
-            "mean_bytes": manifest["storage"]["mean_bytes"], "jpeg_quality": manifest["storage"]["jpeg_quality"]}
+    return {
+        "source": manifest["source"],
+        "mean_width": None,
+        "mean_height": None,
+        "mean_bytes": manifest["storage"]["mean_bytes"],
+        "jpeg_quality": manifest["storage"]["jpeg_quality"],
+    }
 
 
 def summary(out: Path, m: dict) -> str:
     sizes, counts = [s["bytes"] for s in m["shards"]], [s["samples"] for s in m["shards"]]
-    return (f"{out}: {len(sizes)} shards of {min(counts)}-{max(counts)} samples, {min(sizes) / 1e6:.1f}-"
-            f"{max(sizes) / 1e6:.1f} MB, in {m['seconds']:.1f} s"
-            + ("" if m["dali_index"] else " (no DALI index: DALI not installed)"))
+    return (
+        f"{out}: {len(sizes)} shards of {min(counts)}-{max(counts)} samples, {min(sizes) / 1e6:.1f}-"
+        f"{max(sizes) / 1e6:.1f} MB, in {m['seconds']:.1f} s"
+        + ("" if m["dali_index"] else " (no DALI index: DALI not installed)")
+    )

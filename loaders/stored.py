@@ -1,6 +1,7 @@
 """Stored formats' shared layer: atomic writes, manifests with checksums, verification and the
 cache of conversions. A conversion is written under a temporary sibling and renamed when complete,
 manifest last, so an interrupted or failed writer leaves nothing that looks complete."""
+
 from __future__ import annotations
 
 import errno
@@ -74,8 +75,10 @@ def _alive(pid: int) -> bool:
 def write_failed(exc: OSError, out: Path) -> LoaderError:
     """A failed write as one line; the partial output has already been removed."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return LoaderError(f"out of space writing {out} ({exc.filename or out.parent}); the partial output was "
-                           "removed: free some space or write elsewhere")
+        return LoaderError(
+            f"out of space writing {out} ({exc.filename or out.parent}); the partial output was "
+            "removed: free some space or write elsewhere"
+        )
     return LoaderError(f"cannot write {out}: {exc.strerror or exc}; the partial output was removed")
 
 
@@ -103,13 +106,17 @@ def verify_files(folder: Path, entries: list[dict], what: str, verify: bool = Tr
             raise LoaderError(f"{what} {path} is missing (listed in its manifest)")
         size = path.stat().st_size
         if size != e["bytes"]:
-            raise LoaderError(f"{what} {path} is {'truncated' if size < e['bytes'] else 'damaged'}: {size} bytes, "
-                              f"its manifest says {e['bytes']}; convert again")
+            raise LoaderError(
+                f"{what} {path} is {'truncated' if size < e['bytes'] else 'damaged'}: {size} bytes, "
+                f"its manifest says {e['bytes']}; convert again"
+            )
     if verify and sum(e["bytes"] for e in entries) <= VERIFY_MAX_BYTES:
         for e in entries:
             if "sha1" in e and file_sha1(folder / e["file"]) != e["sha1"]:
-                raise LoaderError(f"{what} {folder / e['file']} is damaged: its content differs from the checksum "
-                                  "recorded when it was converted; convert again")
+                raise LoaderError(
+                    f"{what} {folder / e['file']} is damaged: its content differs from the checksum "
+                    "recorded when it was converted; convert again"
+                )
 
 
 def read_manifest(path: Path, kind: str) -> dict:

@@ -4,6 +4,7 @@ The ceiling every report divides by: the same model and step count with a loader
 nothing. Sizes follow ``data`` when given (sample and class counts of the ImageFolder), so a
 synthetic epoch has as many steps as the real one.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ class SyntheticBackend(Backend):
     Options = Options
     is_ceiling = True
 
-    def build(self, cfg: LoaderConfig, opts: Options) -> "SyntheticLoader":
+    def build(self, cfg: LoaderConfig, opts: Options) -> SyntheticLoader:
         num_samples, num_classes = opts.num_samples, opts.num_classes
         if cfg.data is not None and (num_samples is None or num_classes is None):
             index = scan_imagefolder(cfg.data)
@@ -43,13 +44,17 @@ class SyntheticLoader(BaseLoader):
     name = "synthetic"
 
     def __init__(self, cfg: LoaderConfig, num_samples: int, num_classes: int):
-        super().__init__(cfg, *rank_share(num_samples, cfg, "the synthetic set"), tuple(map(str, range(num_classes))))
+        super().__init__(
+            cfg, *rank_share(num_samples, cfg, "the synthetic set"), tuple(map(str, range(num_classes)))
+        )
         # Train and eval batches differ, so evaluation cannot score a memorised training batch:
         # the labels are random, and accuracy on them is (correctly) chance.
         g = torch.Generator().manual_seed(hash((cfg.seed, cfg.rank, cfg.train)) & 0x7FFF_FFFF_FFFF_FFFF)
         b, s = cfg.batch_size, cfg.image_size
         # Already-normalised values (mean 0, std 1), as a real backend would hand over.
-        self._images = torch.randn(b, 3, s, s, generator=g).to(cfg.device, cfg.dtype, memory_format=cfg.memory_format)
+        self._images = torch.randn(b, 3, s, s, generator=g).to(
+            cfg.device, cfg.dtype, memory_format=cfg.memory_format
+        )
         self._labels = torch.randint(0, num_classes, (b,), generator=g).to(cfg.device)
 
     def describe(self) -> dict:

@@ -13,6 +13,7 @@ shuffle buffer, then decoded and transformed by torchvision exactly as the ``tor
 (same seeded augmentation per sample and epoch), batched in the workers, and copied to the device
 and normalised as ``torch`` does.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -27,8 +28,16 @@ from .backend import Backend
 from .contract import BaseLoader, LoaderConfig, LoaderError, num_batches, shard_sizes
 from .feed import DeviceFeed
 from .pil import collate_checked, describe_pil, sample, transform_for
-from .shards import (Sharding, check_sharding, convert_shards, import_wds, is_shard_folder, read_manifest,
-                     resolve_shards, storage_stats)
+from .shards import (
+    Sharding,
+    check_sharding,
+    convert_shards,
+    import_wds,
+    is_shard_folder,
+    read_manifest,
+    resolve_shards,
+    storage_stats,
+)
 from .shards import summary as shards_summary
 from .workers import check_worker_options, worker_loader
 
@@ -53,7 +62,9 @@ class Options:
 
 
 def sharding_of(opts: Options) -> Sharding:
-    return Sharding(opts.shard_samples, opts.shard_mb, opts.max_resolution, opts.jpeg_quality, opts.shard_seed)
+    return Sharding(
+        opts.shard_samples, opts.shard_mb, opts.max_resolution, opts.jpeg_quality, opts.shard_seed
+    )
 
 
 class WdsBackend(Backend):
@@ -61,29 +72,37 @@ class WdsBackend(Backend):
     summary = "WebDataset: tar shards (converted once from the ImageFolder) + DataLoader workers"
     Options = Options
     requires = ("webdataset",)
-    knobs = {"workers": "num_workers", "pin_memory": "pin_memory", "prefetch": "prefetch_factor",
-             "device_normalize": "device_normalize"}  # no persistent workers: each epoch plans anew
+    knobs = {
+        "workers": "num_workers",
+        "pin_memory": "pin_memory",
+        "prefetch": "prefetch_factor",
+        "device_normalize": "device_normalize",
+    }  # no persistent workers: each epoch plans anew
     prefetch_values = (2, 4, 8)
     stored_format = "webdataset shards"
 
-    def build(self, cfg: LoaderConfig, opts: Options) -> "WdsLoader":
+    def build(self, cfg: LoaderConfig, opts: Options) -> WdsLoader:
         import_wds()
         check_worker_options(opts)
         if opts.shuffle_buffer < 0:
             raise LoaderError(f"shuffle_buffer must be >= 0, got {opts.shuffle_buffer}")
         check_sharding(sharding_of(opts))
         if cfg.data is None:
-            raise LoaderError("the wds backend needs data= (a shard folder, or an ImageFolder split to convert)")
+            raise LoaderError(
+                "the wds backend needs data= (a shard folder, or an ImageFolder split to convert)"
+            )
         folder, manifest = resolve_shards(Path(cfg.data), sharding_of(opts), progress=cfg.rank == 0)
         if manifest["samples"] < cfg.world_size:
-            raise LoaderError(f"{manifest['samples']} samples in {folder} cannot be split over {cfg.world_size} "
-                              "ranks")
+            raise LoaderError(
+                f"{manifest['samples']} samples in {folder} cannot be split over {cfg.world_size} ranks"
+            )
         shards, streams = len(manifest["shards"]), cfg.world_size * max(1, opts.num_workers)
         if shards < streams:
             raise LoaderError(
                 f"{folder} has {shards} shards, fewer than ranks x workers = {cfg.world_size} x "
                 f"{max(1, opts.num_workers)}: each worker streams its own shards; convert with more shards "
-                "(bench data convert --to wds --shard-samples N) or use fewer workers")
+                "(bench data convert --to wds --shard-samples N) or use fewer workers"
+            )
         return WdsLoader(cfg, opts, folder, manifest)
 
     def prepare(self, split: Path, opts: Options) -> None:
@@ -154,7 +173,7 @@ class _Failed:
 class _ShardStream(IterableDataset):
     """One worker's batches for one epoch (the epoch is fixed when the DataLoader iterator starts)."""
 
-    def __init__(self, loader: "WdsLoader"):
+    def __init__(self, loader: WdsLoader):
         cfg = loader.config
         self.cfg = cfg
         self.folder = loader.folder
@@ -189,20 +208,32 @@ class _ShardStream(IterableDataset):
 
             stream = wds.tarfile_samples([{"url": url}], handler=fail)
             got = 0
-            for sample in itertools.islice(stream, skip, skip + take):
+            for item in itertools.islice(stream, skip, skip + take):
                 got += 1
-                yield sample
+                yield item
             stream.close()
             if got < take:
-                raise LoaderError(f"shard {url} ended after {skip + got} samples, its manifest lists "
-                                  f"{self.counts[shard]}: damaged; convert again")
+                raise LoaderError(
+                    f"shard {url} ended after {skip + got} samples, its manifest lists "
+                    f"{self.counts[shard]}: damaged; convert again"
+                )
 
     def _decode_batch(self, samples):
         cfg = self.cfg
-        return collate_checked([
-            sample(self.transform, s["jpg"], f"{s.get('__url__')} sample {s['__key__']} "
-                   f"({s.get('path', b'?').decode()})", int(s["cls"]), cfg.seed, self.epoch, int(s["__key__"]))
-            for s in samples])
+        return collate_checked(
+            [
+                sample(
+                    self.transform,
+                    s["jpg"],
+                    f"{s.get('__url__')} sample {s['__key__']} ({s.get('path', b'?').decode()})",
+                    int(s["cls"]),
+                    cfg.seed,
+                    self.epoch,
+                    int(s["__key__"]),
+                )
+                for s in samples
+            ]
+        )
 
     def __iter__(self):
         wds = import_wds()
@@ -234,7 +265,9 @@ class WdsLoader(BaseLoader):
         self.options, self.folder, self.manifest = opts, folder, manifest
         self._feed = DeviceFeed.for_options(cfg, opts)
         self._stream = _ShardStream(self)
-        self._loader = worker_loader(self._stream, opts, self.name, cfg.device.type == "cuda", batch_size=None)
+        self._loader = worker_loader(
+            self._stream, opts, self.name, cfg.device.type == "cuda", batch_size=None
+        )
 
     def describe(self) -> dict:
         d = {**super().describe(), **describe_pil(self.options, self.config)}

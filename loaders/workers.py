@@ -1,5 +1,6 @@
 """Worker processes' shared layer: DataLoader workers started, checked and stopped epoch by epoch,
 with a dead or stuck worker reported as one LoaderError that says what usually causes it."""
+
 from __future__ import annotations
 
 import signal
@@ -16,7 +17,9 @@ def check_worker_options(opts) -> None:
     where the backend has it, persistent_workers)."""
     if opts.num_workers < 0:
         raise LoaderError(f"num_workers must be >= 0, got {opts.num_workers}")
-    if opts.num_workers == 0 and (getattr(opts, "persistent_workers", False) or opts.prefetch_factor is not None):
+    if opts.num_workers == 0 and (
+        getattr(opts, "persistent_workers", False) or opts.prefetch_factor is not None
+    ):
         raise LoaderError("persistent_workers and prefetch_factor need num_workers >= 1")
     if opts.prefetch_factor is not None and opts.prefetch_factor < 1:
         raise LoaderError(f"prefetch_factor must be >= 1, got {opts.prefetch_factor}")
@@ -32,13 +35,17 @@ def worker_failed(exc: RuntimeError, backend: str) -> LoaderError | None:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if first.startswith("DataLoader timed out after"):
         seconds = first.split("after", 1)[1].split("seconds")[0].strip()
-        return LoaderError(f"{backend} loader: no batch from the workers within timeout={seconds} s: a worker is "
-                           "stuck (a hung network mount, a deadlock) or one batch takes longer than that "
-                           "(raise -o timeout=...)")
+        return LoaderError(
+            f"{backend} loader: no batch from the workers within timeout={seconds} s: a worker is "
+            "stuck (a hung network mount, a deadlock) or one batch takes longer than that "
+            "(raise -o timeout=...)"
+        )
     if "DataLoader worker" not in first:
         return None
-    return LoaderError(f"{backend} loader: {first.rstrip('. ')}. A worker killed by a signal is usually the "
-                       "kernel's OOM killer (see `dmesg`): fewer num_workers or a smaller batch needs less memory")
+    return LoaderError(
+        f"{backend} loader: {first.rstrip('. ')}. A worker killed by a signal is usually the "
+        "kernel's OOM killer (see `dmesg`): fewer num_workers or a smaller batch needs less memory"
+    )
 
 
 def checked(it, backend: str):
@@ -125,8 +132,16 @@ class WorkerEpochs:
 def worker_loader(dataset, opts, backend: str, cuda: bool, **kwargs) -> WorkerEpochs:
     """A DataLoader with the Options' worker knobs (num_workers, pin_memory on CUDA, prefetch_factor,
     timeout, persistent_workers where the backend has it), iterated through WorkerEpochs."""
-    return WorkerEpochs(DataLoader(
-        dataset, num_workers=opts.num_workers, pin_memory=opts.pin_memory and cuda,
-        prefetch_factor=opts.prefetch_factor, timeout=opts.timeout,
-        persistent_workers=getattr(opts, "persistent_workers", False), worker_init_fn=quiet_hand_over, **kwargs,
-    ), backend)
+    return WorkerEpochs(
+        DataLoader(
+            dataset,
+            num_workers=opts.num_workers,
+            pin_memory=opts.pin_memory and cuda,
+            prefetch_factor=opts.prefetch_factor,
+            timeout=opts.timeout,
+            persistent_workers=getattr(opts, "persistent_workers", False),
+            worker_init_fn=quiet_hand_over,
+            **kwargs,
+        ),
+        backend,
+    )

@@ -3,6 +3,7 @@ is checked against: the same options, batches and warm-up, nothing else in the p
   python scripts/outside-timing.py LOADER DATA_ROOT STEPS WARMUP '{"num_workers": 2}'
 Prints {"images_per_second": ...}: images after WARMUP batches / the time from the WARMUP-th batch
 to the last one (STEPS batches in all, over as many epochs as that takes)."""
+
 import json
 import sys
 import time
@@ -11,7 +12,9 @@ from loaders import build_loader
 
 loader, root, steps, warmup = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 options = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
-train = build_loader(loader, f"{root}/train", batch_size=64, train=True, drop_last=True, device="cpu", **options)
+train = build_loader(
+    loader, f"{root}/train", batch_size=64, train=True, drop_last=True, device="cpu", **options
+)
 step, images, start, end, epoch = 0, 0, None, None, 0
 while step < steps:
     train.set_epoch(epoch)

@@ -9,6 +9,7 @@ last line of stderr. ddp-exit: a short `bench run --loader ffcv --cpu-ranks 2`; 
 (a gloo thread releasing a tensor during shutdown aborted a rank). Wrong runs' stderr is kept under
 the work folder printed at the end. Figures, not a test: the races are timing-dependent.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,12 +27,34 @@ from bench.data.synth import SynthSpec, generate
 
 
 def ctrl_c(data: Path, work: Path, i: int) -> tuple[bool, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "bench.cli", "run", "--steps", "2000", "--warmup-steps", "1",
-                             "--batch-size", "8", "--image-size", "32", "--data", str(data), "-o", "num_workers=2",
-                             "--out", str(work / f"r{i}")], text=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True,
-                            # as a terminal's foreground job: a background start may have it ignored
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.cli",
+            "run",
+            "--steps",
+            "2000",
+            "--warmup-steps",
+            "1",
+            "--batch-size",
+            "8",
+            "--image-size",
+            "32",
+            "--data",
+            str(data),
+            "-o",
+            "num_workers=2",
+            "--out",
+            str(work / f"r{i}"),
+        ],
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        # as a terminal's foreground job: a background start may have it ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     me = psutil.Process(proc.pid)
     seen: set[int] = set()
     armed_at = None
@@ -56,10 +79,35 @@ def ctrl_c(data: Path, work: Path, i: int) -> tuple[bool, str]:
 
 
 def ddp_exit(data: Path, work: Path, i: int) -> tuple[bool, str]:
-    proc = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--loader", "ffcv", "--data", str(data),
-                           "--steps", "10", "--warmup-steps", "3", "--batch-size", "16", "--image-size", "64",
-                           "-o", "num_workers=1", "--cpu-ranks", "2", "--out", str(work / f"r{i}")],
-                          text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.cli",
+            "run",
+            "--loader",
+            "ffcv",
+            "--data",
+            str(data),
+            "--steps",
+            "10",
+            "--warmup-steps",
+            "3",
+            "--batch-size",
+            "16",
+            "--image-size",
+            "64",
+            "-o",
+            "num_workers=1",
+            "--cpu-ranks",
+            "2",
+            "--out",
+            str(work / f"r{i}"),
+        ],
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     return proc.returncode == 0, proc.stderr
 
 
@@ -71,7 +119,11 @@ def main() -> int:
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 30
     work = Path(tempfile.mkdtemp(prefix=f"stress-{mode}-"))
     data = work / "small"  # the tests' small set: 20 steps per epoch at batch 8
-    generate(data, SynthSpec(classes=4, train_per_class=40, val_per_class=12, width=200, height=150), progress=False)
+    generate(
+        data,
+        SynthSpec(classes=4, train_per_class=40, val_per_class=12, width=200, height=150),
+        progress=False,
+    )
     env_free = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
     os.environ.clear()
     os.environ.update(env_free)

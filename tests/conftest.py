@@ -1,4 +1,5 @@
 """Shared fixtures: a probe ImageFolder whose every image names its sample, and a small generated set."""
+
 from __future__ import annotations
 
 import os
@@ -7,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -38,7 +38,7 @@ def write_probe(root: Path, per_class: int, first_id: int) -> dict[int, int]:
     sid = first_id
     for label, cls in enumerate(PROBE_CLASSES):
         (root / cls).mkdir(parents=True)
-        for k in range(per_class):
+        for _ in range(per_class):
             size = (64 + 8 * (sid % 5), 48 + 6 * (sid % 3))  # varied sizes exercise the resizes
             Image.new("RGB", size, probe_colour(sid)).save(root / cls / f"img_{sid:03d}.jpg", quality=95)
             ids[sid] = label
@@ -108,8 +108,9 @@ def run_ranks(fn, world: int, *args, timeout: float = 240) -> None:
 
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(_as_launched, args=(fn, world, free_port(), *args), nprocs=world, start_method="spawn",
-                             join=False)
+    ctx = mp.start_processes(
+        _as_launched, args=(fn, world, free_port(), *args), nprocs=world, start_method="spawn", join=False
+    )
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
@@ -122,8 +123,14 @@ def bench(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) ->
     """Run the `bench` command line as a user would, in its own process."""
     full_env = {**os.environ, **(env or {})}
     full_env.pop("WORLD_SIZE", None)
-    return subprocess.run([sys.executable, "-m", "bench.cli", *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "bench.cli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def available_backends(reads_data: bool | None = None) -> list[str]:

@@ -1,9 +1,9 @@
 """Bad input through the command line, as a user meets it: one clear line naming the file or
 option, exit status 2, no traceback, and no result file that looks like a success."""
+
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
@@ -46,15 +46,18 @@ def test_class_folder_without_images(probe, tmp_path):
     fails_cleanly(out, str(data / "train" / "dog"), "no images")
 
 
-@pytest.mark.parametrize("args,needle", [
-    (("--loader", "nope"), "unknown loader 'nope'"),
-    (("--batch-size", "0"), "--batch-size must be >= 1"),
-    (("--model", "vgg"), "unknown --model 'vgg'"),
-    (("--amp", "fp16", "--device", "cpu"), "--amp fp16 needs CUDA"),
-    (("-o", "num_wrokers=2"), "no option(s) num_wrokers"),
-    (("-o", "pin_memory=maybe"), "expected true or false"),
-    (("--workers", "0", "--prefetch-factor", "2"), "need num_workers >= 1"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (("--loader", "nope"), "unknown loader 'nope'"),
+        (("--batch-size", "0"), "--batch-size must be >= 1"),
+        (("--model", "vgg"), "unknown --model 'vgg'"),
+        (("--amp", "fp16", "--device", "cpu"), "--amp fp16 needs CUDA"),
+        (("-o", "num_wrokers=2"), "no option(s) num_wrokers"),
+        (("-o", "pin_memory=maybe"), "expected true or false"),
+        (("--workers", "0", "--prefetch-factor", "2"), "need num_workers >= 1"),
+    ],
+)
 def test_impossible_options(probe, tmp_path, args, needle):
     out = bench(*RUN, "--data", str(probe["root"]), *args, "--out", str(tmp_path / "r"), cwd=tmp_path)
     fails_cleanly(out, needle)
@@ -67,7 +70,9 @@ def test_more_ranks_than_samples(tmp_path):
     for split in ("train", "val"):
         (tmp_path / "d" / split / "a").mkdir(parents=True)
         Image.new("RGB", (32, 32)).save(tmp_path / "d" / split / "a" / "x.jpg")
-    out = bench(*RUN, "--data", str(tmp_path / "d"), "--cpu-ranks", "2", "--out", str(tmp_path / "r"), cwd=tmp_path)
+    out = bench(
+        *RUN, "--data", str(tmp_path / "d"), "--cpu-ranks", "2", "--out", str(tmp_path / "r"), cwd=tmp_path
+    )
     fails_cleanly(out, "1 training samples cannot be split over 2 ranks")
 
 
@@ -77,8 +82,9 @@ def damage(data):
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg" * 10)
     good = sorted((data / "train" / "cat").glob("*.jpg"))[0]
     truncated = data / "train" / "cat" / "zz_truncated.jpg"
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     buf = io.BytesIO()
     Image.effect_noise((256, 256), 60).convert("RGB").save(buf, "JPEG", quality=90)
@@ -117,9 +123,25 @@ def test_truncated_jpeg_alone_is_caught(probe, tmp_path):
 def test_skip_policy_counts_and_names_what_it_skipped(probe, tmp_path, reader):
     data = copy_tree(probe["root"], tmp_path / "d")
     corrupt, truncated, empty = damage(data)
-    out = bench("run", "--data", str(data), "--epochs", "1", "--warmup-steps", "1", "--batch-size", "11",
-                "--image-size", "32", *reader, "--on-bad-sample", "skip", "--out", str(tmp_path / "r"),
-                cwd=tmp_path)
+    out = bench(
+        "run",
+        "--data",
+        str(data),
+        "--epochs",
+        "1",
+        "--warmup-steps",
+        "1",
+        "--batch-size",
+        "11",
+        "--image-size",
+        "32",
+        *reader,
+        "--on-bad-sample",
+        "skip",
+        "--out",
+        str(tmp_path / "r"),
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     (path,) = (tmp_path / "r").glob("*.json")
     result = json.loads(path.read_text())

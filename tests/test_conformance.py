@@ -1,6 +1,7 @@
 """The contract, proven for every installed backend: shapes, dtypes, device, normalisation,
 class mapping identical to torchvision's ImageFolder, exact-once coverage on 1 and 2 ranks,
 determinism for a seed. New backends are picked up from the registry."""
+
 from __future__ import annotations
 
 import collections
@@ -32,8 +33,17 @@ CASES = [
 ALL = available_backends()
 # Exact-once under load (two ranks, three epochs): also persistent workers prefetching deep, where
 # an epoch's order must still come from set_epoch and not from the workers' copies.
-LOADED = CASES + ([pytest.param("torch", dict(num_workers=2, persistent_workers=True, prefetch_factor=4),
-                                id="torch-persistent-prefetch4")] if "torch" in ALL else [])
+LOADED = CASES + (
+    [
+        pytest.param(
+            "torch",
+            dict(num_workers=2, persistent_workers=True, prefetch_factor=4),
+            id="torch-persistent-prefetch4",
+        )
+    ]
+    if "torch" in ALL
+    else []
+)
 EPOCHS_TWO_RANKS = 3
 
 
@@ -64,8 +74,15 @@ def test_shapes_dtypes_device(name, train, probe, small_data):
 
 @pytest.mark.parametrize("name", ALL)
 def test_low_precision_and_channels_last(name, small_data):
-    loader = build_loader(name, small_data / "train", batch_size=4, image_size=32, device="cpu",
-                          dtype="bf16", channels_last=True)
+    loader = build_loader(
+        name,
+        small_data / "train",
+        batch_size=4,
+        image_size=32,
+        device="cpu",
+        dtype="bf16",
+        channels_last=True,
+    )
     images, _ = next(iter(loader))
     assert images.dtype == torch.bfloat16
     assert images.is_contiguous(memory_format=torch.channels_last)
@@ -77,7 +94,9 @@ def test_normalisation_values_and_class_mapping(name, opts, probe):
     """Each pixel of a flat probe image must equal (colour/255 - MEAN) / STD, and each label must
     be torchvision ImageFolder's label for that file."""
     reference = ImageFolder(str(probe["root"] / "val"))
-    loader = build_loader(name, probe["root"] / "val", batch_size=4, train=False, image_size=24, device="cpu", **opts)
+    loader = build_loader(
+        name, probe["root"] / "val", batch_size=4, train=False, image_size=24, device="cpu", **opts
+    )
     assert list(loader.classes) == reference.classes
     by_id = {}
     for path, label in reference.samples:
@@ -97,7 +116,9 @@ def test_normalisation_values_and_class_mapping(name, opts, probe):
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_exact_once_one_rank(name, opts, train, probe):
     split = "train" if train else "val"
-    loader = build_loader(name, probe["root"] / split, batch_size=4, train=train, image_size=16, device="cpu", **opts)
+    loader = build_loader(
+        name, probe["root"] / split, batch_size=4, train=train, image_size=16, device="cpu", **opts
+    )
     orders = []
     for epoch in range(2):
         ids, labels, batches = collect(loader, epoch)
@@ -118,7 +139,9 @@ def _rank_worker(rank, world, port, name, opts, root, out):
     try:
         record = {}
         for split, train in (("train", True), ("val", False)):
-            loader = build_loader(name, root / split, batch_size=3, train=train, image_size=16, device="cpu", **opts)
+            loader = build_loader(
+                name, root / split, batch_size=3, train=train, image_size=16, device="cpu", **opts
+            )
             record[split] = {"len": len(loader), "padding": loader.padding, "epochs": []}
             for epoch in range(EPOCHS_TWO_RANKS):
                 ids, _, batches = collect(loader, epoch)
@@ -144,7 +167,9 @@ def test_exact_once_two_ranks(name, opts, probe, tmp_path):
             seen = collections.Counter(i for r in ranks for i in r["epochs"][epoch]["ids"])
             assert set(seen) == set(probe[split]), f"{split} epoch {epoch}: samples missing"
             extra = sum(seen.values()) - n
-            assert extra == ranks[0]["padding"], f"{split} epoch {epoch}: {extra} repeats, {ranks[0]['padding']} stated"
+            assert extra == ranks[0]["padding"], (
+                f"{split} epoch {epoch}: {extra} repeats, {ranks[0]['padding']} stated"
+            )
             for r in ranks:
                 assert r["epochs"][epoch]["batches"] == r["len"]
         if split == "train":
@@ -157,9 +182,17 @@ def test_exact_once_two_ranks(name, opts, probe, tmp_path):
 @pytest.mark.parametrize("name,opts", CASES)
 def test_same_seed_same_batches(name, opts, small_data):
     """Same seed: same order and same augmentations; another seed: different ones."""
+
     def first_batches(seed, **extra):
-        loader = build_loader(name, small_data / "train", batch_size=8, image_size=32, device="cpu", seed=seed,
-                              **{**opts, **extra})
+        loader = build_loader(
+            name,
+            small_data / "train",
+            batch_size=8,
+            image_size=32,
+            device="cpu",
+            seed=seed,
+            **{**opts, **extra},
+        )
         loader.set_epoch(1)
         it = iter(loader)
         out = [next(it) for _ in range(2)]
@@ -178,9 +211,18 @@ def test_same_seed_same_batches(name, opts, small_data):
 @pytest.mark.parametrize("name,opts", CASES)
 def test_eval_batches_are_identical_for_a_seed(name, opts, small_data):
     """Evaluation has no randomness at all, in every backend."""
+
     def first(seed):
-        loader = build_loader(name, small_data / "val", batch_size=8, train=False, image_size=32, device="cpu",
-                              seed=seed, **opts)
+        loader = build_loader(
+            name,
+            small_data / "val",
+            batch_size=8,
+            train=False,
+            image_size=32,
+            device="cpu",
+            seed=seed,
+            **opts,
+        )
         x, y = next(iter(loader))
         loader.close()
         return x.clone(), y.clone()
@@ -191,9 +233,11 @@ def test_eval_batches_are_identical_for_a_seed(name, opts, small_data):
 
 def test_torch_augmentation_independent_of_worker_count(small_data):
     """Augmentation is seeded per (seed, epoch, sample), so adding workers changes speed only."""
+
     def batch(workers):
-        loader = build_loader("torch", small_data / "train", batch_size=8, image_size=32, device="cpu",
-                              num_workers=workers)
+        loader = build_loader(
+            "torch", small_data / "train", batch_size=8, image_size=32, device="cpu", num_workers=workers
+        )
         images, labels = next(iter(loader))
         loader.close()
         return images, labels
@@ -204,19 +248,23 @@ def test_torch_augmentation_independent_of_worker_count(small_data):
 
 def test_torch_knobs_change_only_speed(small_data):
     """Float normalisation in the workers and uint8 + normalisation on the device agree."""
+
     def batch(**opts):
-        loader = build_loader("torch", small_data / "val", batch_size=8, train=False, image_size=32, device="cpu",
-                              **opts)
+        loader = build_loader(
+            "torch", small_data / "val", batch_size=8, train=False, image_size=32, device="cpu", **opts
+        )
         return next(iter(loader))[0]
 
     assert torch.allclose(batch(), batch(device_normalize=True), atol=1e-5)
-    assert torch.allclose(batch(), batch(num_workers=1, persistent_workers=True, prefetch_factor=4,
-                                         pin_memory=True), atol=1e-6)
+    assert torch.allclose(
+        batch(), batch(num_workers=1, persistent_workers=True, prefetch_factor=4, pin_memory=True), atol=1e-6
+    )
 
 
 def test_synthetic_sizes_follow_the_data(small_data):
-    loader = build_loader("synthetic", small_data / "train", batch_size=7, image_size=16, device="cpu",
-                          rank=1, world_size=3)
+    loader = build_loader(
+        "synthetic", small_data / "train", batch_size=7, image_size=16, device="cpu", rank=1, world_size=3
+    )
     n = 4 * 40
     assert loader.num_samples == math.ceil(n / 3) and loader.padding == math.ceil(n / 3) * 3 - n
     assert len(loader) == math.ceil(loader.num_samples / 7) == sum(1 for _ in loader)

@@ -1,5 +1,6 @@
 """What the conformance test does not cover for `dali`: agreement with `torch`, the decode
 options, epochs independent of history, batches that stay valid, and the GPU paths (marked)."""
+
 from __future__ import annotations
 
 import pytest
@@ -84,8 +85,15 @@ def test_cuda_paths_match_the_cpu_pipeline(small_data, decode):
 
 @pytest.mark.gpu
 def test_cuda_fp16_channels_last(small_data):
-    loader = build_loader("dali", small_data / "train", batch_size=8, image_size=64, device="cuda",
-                          dtype="fp16", channels_last=True)
+    loader = build_loader(
+        "dali",
+        small_data / "train",
+        batch_size=8,
+        image_size=64,
+        device="cuda",
+        dtype="fp16",
+        channels_last=True,
+    )
     images, labels = next(iter(loader))
     assert images.is_cuda and labels.is_cuda and images.dtype == torch.float16 and labels.dtype == torch.int64
     assert images.shape == (8, 3, 64, 64) and images.is_contiguous(memory_format=torch.channels_last)

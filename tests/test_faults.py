@@ -1,9 +1,9 @@
 """Faults across backends: a killed worker, a dead or silent DDP rank, Ctrl-C, a conversion killed
 midway, a full disk, bad files under DDP, memory across epochs. Each must end in bounded time with
 a message that says what happened, leave no orphan process and write nothing that looks complete."""
+
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -31,9 +31,16 @@ def start_bench(*args: str, cwd: Path) -> subprocess.Popen:
     background by a non-interactive shell (`.ci/run &`) ignores SIGINT, every child inherits that,
     and Python then never raises KeyboardInterrupt (the Ctrl-C tests waited out their 60 s)."""
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
-    return subprocess.Popen([sys.executable, "-m", "bench.cli", *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.cli", *args],
+        cwd=cwd,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def descendants(proc: subprocess.Popen) -> list[psutil.Process]:
@@ -104,8 +111,9 @@ RUN = ("run", "--steps", "2000", "--warmup-steps", "1", "--batch-size", "8", "--
 
 @pytest.mark.parametrize("name", PROCESS_WORKERS)
 def test_a_killed_worker_is_named_within_seconds(name, small_data):
-    loader = build_loader(name, small_data / "train", batch_size=8, train=True, image_size=32, device="cpu",
-                          num_workers=2)
+    loader = build_loader(
+        name, small_data / "train", batch_size=8, train=True, image_size=32, device="cpu", num_workers=2
+    )
     victim = None
     before = {p.pid for p in psutil.Process().children()}  # e.g. a resource tracker from earlier tests
     with pytest.raises(LoaderError) as err:
@@ -116,7 +124,9 @@ def test_a_killed_worker_is_named_within_seconds(name, small_data):
                 killed_at = time.monotonic()
     took = time.monotonic() - killed_at
     message = str(err.value)
-    assert f"DataLoader worker (pid(s) {victim})" in message or f"DataLoader worker (pid {victim})" in message, message
+    assert (
+        f"DataLoader worker (pid(s) {victim})" in message or f"DataLoader worker (pid {victim})" in message
+    ), message
     assert "OOM killer" in message
     print(f"\n[{name}] killed worker noticed in {took:.2f} s: {message}")
     assert took < 30, f"{took:.1f} s to notice a dead worker"
@@ -124,8 +134,10 @@ def test_a_killed_worker_is_named_within_seconds(name, small_data):
 
 
 def test_a_killed_worker_ends_bench_run_cleanly(small_data, tmp_path):
-    proc = start_bench(*RUN, "--data", str(small_data), "-o", "num_workers=2", "--out", str(tmp_path / "r"),
-                       cwd=tmp_path)
+    proc = start_bench(
+        *RUN, "--data", str(small_data), "-o", "num_workers=2", "--out", str(tmp_path / "r"), cwd=tmp_path
+    )
+
     def workers_of():  # live DataLoader workers, not multiprocessing's resource tracker
         found = [p for p in descendants(proc) if command(p) and "resource_tracker" not in command(p)]
         return found if len(descendants(proc)) >= 2 else None
@@ -135,13 +147,14 @@ def test_a_killed_worker_ends_bench_run_cleanly(small_data, tmp_path):
     took, err = finish(proc, 60)
     assert proc.returncode == 2, err[-2000:]
     # The surviving worker may print its own shutdown traceback after this line, so look for it.
-    lines = [line for line in err.splitlines() if line.startswith("bench: error: torch loader: DataLoader worker")]
+    lines = [
+        line for line in err.splitlines() if line.startswith("bench: error: torch loader: DataLoader worker")
+    ]
     assert lines and str(workers[0].pid) in lines[0], err[-2000:]
     last = lines[0]
     print(f"\n[bench run] killed worker: {last} ({took:.1f} s)")
     no_orphans(workers)
     assert not list((tmp_path / "r").glob("*.json")) if (tmp_path / "r").exists() else True
-
 
 
 @pytest.mark.parametrize("name", PROCESS_WORKERS)
@@ -158,8 +171,16 @@ def test_a_stuck_worker_ends_in_the_timeout_option(name, small_data, tmp_path, m
         return real_open(*args, **kwargs)
 
     monkeypatch.setattr(PIL.Image, "open", open_or_hang)
-    loader = build_loader(name, small_data / "train", batch_size=8, train=True, image_size=32, device="cpu",
-                          num_workers=2, timeout=3)
+    loader = build_loader(
+        name,
+        small_data / "train",
+        batch_size=8,
+        train=True,
+        image_size=32,
+        device="cpu",
+        num_workers=2,
+        timeout=3,
+    )
     before = {p.pid for p in psutil.Process().children()}
     workers: list[psutil.Process] = []
     with pytest.raises(LoaderError) as err:
@@ -171,19 +192,28 @@ def test_a_stuck_worker_ends_in_the_timeout_option(name, small_data, tmp_path, m
     took = time.monotonic() - hung_at
     message = str(err.value)
     print(f"\n[{name}] stuck workers ended the epoch in {took:.1f} s: {message}")
-    assert message.startswith(f"{name} loader: no batch from the workers within timeout=3") and "-o timeout" in \
-        message, message
+    assert (
+        message.startswith(f"{name} loader: no batch from the workers within timeout=3")
+        and "-o timeout" in message
+    ), message
     assert took < 3 + 15, f"{took:.1f} s for a 3 s timeout"  # plus queued batches and the 5 s joins
     loader.close()
     no_orphans(workers)  # stopped with the failed iterator, not left sleeping
 
 
 @pytest.mark.parametrize("name", PROCESS_WORKERS)
-@pytest.mark.parametrize("opts, says", [(dict(timeout=-1), "timeout must be >= 0"),
-                                        (dict(timeout=5, num_workers=0), "timeout needs num_workers >= 1")])
+@pytest.mark.parametrize(
+    "opts, says",
+    [
+        (dict(timeout=-1), "timeout must be >= 0"),
+        (dict(timeout=5, num_workers=0), "timeout needs num_workers >= 1"),
+    ],
+)
 def test_impossible_timeout_is_refused(name, small_data, opts, says):
     with pytest.raises(LoaderError, match=says):
-        build_loader(name, small_data / "train", batch_size=8, train=True, image_size=32, device="cpu", **opts)
+        build_loader(
+            name, small_data / "train", batch_size=8, train=True, image_size=32, device="cpu", **opts
+        )
 
 
 # --- DDP: a rank that dies, a rank that stalls -------------------------------------------------
@@ -191,6 +221,7 @@ def test_impossible_timeout_is_refused(name, small_data, opts, says):
 
 def _ranks(proc, n=2):
     """The rank processes under torchrun (grandchildren of bench once it relaunched)."""
+
     def is_rank(p: psutil.Process) -> bool:
         try:
             parent = p.parent()
@@ -201,6 +232,7 @@ def _ranks(proc, n=2):
     def find():
         found = [p for p in descendants(proc) if "bench.cli" in command(p) and is_rank(p)]
         return found if len(found) == n else None
+
     return find
 
 
@@ -214,8 +246,18 @@ def _training(proc, ranks, workers=2):
 
 
 def test_a_dead_rank_ends_every_rank_within_seconds(small_data, tmp_path):
-    proc = start_bench(*RUN, "--data", str(small_data), "--cpu-ranks", "2", "-o", "num_workers=2",
-                       "--out", str(tmp_path / "r"), cwd=tmp_path)
+    proc = start_bench(
+        *RUN,
+        "--data",
+        str(small_data),
+        "--cpu-ranks",
+        "2",
+        "-o",
+        "num_workers=2",
+        "--out",
+        str(tmp_path / "r"),
+        cwd=tmp_path,
+    )
     ranks = wait_for(_ranks(proc), 120, "two ranks", proc)
     wait_for(lambda: _training(proc, ranks), 120, "training", proc)
     everything = descendants(proc)
@@ -224,8 +266,10 @@ def test_a_dead_rank_ends_every_rank_within_seconds(small_data, tmp_path):
     took, err = finish(proc, 90)
     assert proc.returncode != 0
     last = err.strip().splitlines()[-1]
-    assert last == (f"bench: error: rank 1 (pid {victim.pid}) was killed by SIGKILL (the kernel's OOM killer "
-                    "sends it: see `dmesg`); torchrun stopped the other ranks"), last
+    assert last == (
+        f"bench: error: rank 1 (pid {victim.pid}) was killed by SIGKILL (the kernel's OOM killer "
+        "sends it: see `dmesg`); torchrun stopped the other ranks"
+    ), last
     print(f"\n[dead rank] every rank ended {took:.1f} s after the kill: {last}")
     assert took < 30, f"{took:.1f} s for the other rank to stop"
     assert "Traceback" not in err
@@ -237,10 +281,14 @@ def test_a_worker_whose_main_process_died_prints_no_hand_over_traceback():
     """A killed rank's workers may be handing it a batch's shared memory; multiprocessing's sharing
     thread then reports the broken connection through sys.excepthook ('Traceback' after bench's
     one-line error, seen once in a clean-clone run of the dead-rank test). Other errors still show."""
-    code = ("import sys; from loaders.workers import quiet_hand_over; quiet_hand_over(0)\n"
-            "for e in (ConnectionResetError('peer gone'), EOFError('peer gone'), ValueError('a real bug')):\n"
-            "    sys.excepthook(type(e), e, None)\n")
-    err = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stderr
+    code = (
+        "import sys; from loaders.workers import quiet_hand_over; quiet_hand_over(0)\n"
+        "for e in (ConnectionResetError('peer gone'), EOFError('peer gone'), ValueError('a real bug')):\n"
+        "    sys.excepthook(type(e), e, None)\n"
+    )
+    err = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    ).stderr
     assert "ValueError: a real bug" in err
     assert "peer gone" not in err, err
 
@@ -249,8 +297,9 @@ def test_a_worker_whose_main_process_died_prints_no_hand_over_traceback():
 def test_process_workers_start_with_the_quiet_hand_over(name, small_data):
     from loaders.workers import quiet_hand_over
 
-    loader = build_loader(name, small_data / "train", batch_size=8, train=True, image_size=32, device="cpu",
-                          num_workers=1)
+    loader = build_loader(
+        name, small_data / "train", batch_size=8, train=True, image_size=32, device="cpu", num_workers=1
+    )
     assert loader._loader.loader.worker_init_fn is quiet_hand_over
     loader.close()
 
@@ -258,8 +307,20 @@ def test_process_workers_start_with_the_quiet_hand_over(name, small_data):
 def test_a_stalled_rank_times_out_after_dist_timeout(small_data, tmp_path):
     """A rank that stops answering (SIGSTOP: a hung NFS read, a stuck GPU) is not dead, so only a
     timeout can end the wait: --dist-timeout bounds it and the message says so."""
-    proc = start_bench(*RUN, "--data", str(small_data), "--cpu-ranks", "2", "--dist-timeout", "10",
-                       "-o", "num_workers=1", "--out", str(tmp_path / "r"), cwd=tmp_path)
+    proc = start_bench(
+        *RUN,
+        "--data",
+        str(small_data),
+        "--cpu-ranks",
+        "2",
+        "--dist-timeout",
+        "10",
+        "-o",
+        "num_workers=1",
+        "--out",
+        str(tmp_path / "r"),
+        cwd=tmp_path,
+    )
     ranks = wait_for(_ranks(proc), 120, "two ranks", proc)
     wait_for(lambda: _training(proc, ranks, workers=1), 120, "training", proc)
     time.sleep(1)
@@ -268,7 +329,9 @@ def test_a_stalled_rank_times_out_after_dist_timeout(small_data, tmp_path):
     stalled.suspend()
     took, err = finish(proc, 120)
     assert proc.returncode == 2, err[-3000:]
-    assert "bench: error: lost contact with another rank" in err and "--dist-timeout (10 s)" in err, err[-3000:]
+    assert "bench: error: lost contact with another rank" in err and "--dist-timeout (10 s)" in err, err[
+        -3000:
+    ]
     assert err.strip().splitlines()[-1].startswith("bench: error: rank 0 ")
     print(f"\n[stalled rank, --dist-timeout 10] ended {took:.1f} s after SIGSTOP")
     assert 8 < took < 75, f"{took:.1f} s"
@@ -281,8 +344,17 @@ def test_a_stalled_rank_times_out_after_dist_timeout(small_data, tmp_path):
 @pytest.mark.parametrize("ranks", [0, 2], ids=["one-process", "two-cpu-ranks"])
 def test_ctrl_c_stops_everything(small_data, tmp_path, ranks):
     extra = ("--cpu-ranks", str(ranks)) if ranks else ()
-    proc = start_bench(*RUN, "--data", str(small_data), *extra, "-o", "num_workers=2", "--out", str(tmp_path / "r"),
-                       cwd=tmp_path)
+    proc = start_bench(
+        *RUN,
+        "--data",
+        str(small_data),
+        *extra,
+        "-o",
+        "num_workers=2",
+        "--out",
+        str(tmp_path / "r"),
+        cwd=tmp_path,
+    )
     if ranks:
         found = wait_for(_ranks(proc), 120, "two ranks", proc)
         wait_for(lambda: _training(proc, found), 120, "training", proc)
@@ -300,14 +372,18 @@ def test_ctrl_c_stops_everything(small_data, tmp_path, ranks):
     assert not (tmp_path / "r").exists() or not list((tmp_path / "r").glob("*.json"))
 
 
-@pytest.mark.parametrize("name,persistent", [(b, False) for b in PROCESS_WORKERS]
-                         + ([("torch", True)] if "torch" in PROCESS_WORKERS else []))
+@pytest.mark.parametrize(
+    "name,persistent",
+    [(b, False) for b in PROCESS_WORKERS] + ([("torch", True)] if "torch" in PROCESS_WORKERS else []),
+)
 def test_close_stops_the_workers_of_an_epoch_left_midway(name, persistent, small_data):
     """Ctrl-C (or any error) leaves an epoch midway; the run's `finally` closes its loaders, and that
     must stop the workers then, not whenever the iterator is garbage-collected (after bench has
     printed its last line: a worker that died of the same SIGINT was reported after it)."""
     opts = dict(num_workers=2, persistent_workers=True) if persistent else dict(num_workers=2)
-    loader = build_loader(name, small_data / "train", batch_size=8, train=True, image_size=32, device="cpu", **opts)
+    loader = build_loader(
+        name, small_data / "train", batch_size=8, train=True, image_size=32, device="cpu", **opts
+    )
     before = {p.pid for p in psutil.Process().children()}
     batches = iter(loader)
     next(batches)
@@ -324,8 +400,9 @@ def test_workers_leave_ctrl_c_to_the_main_process(name, small_data):
     """A terminal's SIGINT reaches the workers too. A worker outlives it (the main process stops the
     workers) instead of dying of it, or of it while starting, with exit code 1, which DataLoader
     reports as a dead worker: CI saw that after a Ctrl-C."""
-    loader = build_loader(name, small_data / "train", batch_size=8, train=True, image_size=32, device="cpu",
-                          num_workers=2)
+    loader = build_loader(
+        name, small_data / "train", batch_size=8, train=True, image_size=32, device="cpu", num_workers=2
+    )
     before = {p.pid for p in psutil.Process().children()}
     handler = signal.getsignal(signal.SIGINT)
     batches = 0
@@ -348,15 +425,21 @@ def _interrupted_then(error: Exception):
             raise KeyboardInterrupt
         finally:  # e.g. the loader's close(), as a worker that died of the same SIGINT is noticed
             raise error
+
     return cmd_run
 
 
-WORKER_DIED = ("DataLoader worker (pid 1261) exited unexpectedly with exit code 1. "
-               "Details are lost due to multiprocessing")
+WORKER_DIED = (
+    "DataLoader worker (pid 1261) exited unexpectedly with exit code 1. "
+    "Details are lost due to multiprocessing"
+)
 
 
-@pytest.mark.parametrize("error", [RuntimeError(WORKER_DIED), LoaderError("torch loader: " + WORKER_DIED)],
-                         ids=["sigchld-error", "loader-error"])
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError(WORKER_DIED), LoaderError("torch loader: " + WORKER_DIED)],
+    ids=["sigchld-error", "loader-error"],
+)
 def test_a_worker_dying_of_the_same_ctrl_c_is_reported_as_the_interrupt(error, monkeypatch, capsys):
     from bench import cli
 
@@ -378,7 +461,11 @@ def medium_data(tmp_path_factory):
     from bench.data.synth import SynthSpec, generate
 
     out = tmp_path_factory.mktemp("medium") / "set"
-    generate(out, SynthSpec(classes=4, train_per_class=150, val_per_class=20, width=320, height=240), progress=False)
+    generate(
+        out,
+        SynthSpec(classes=4, train_per_class=150, val_per_class=20, width=320, height=240),
+        progress=False,
+    )
     return out
 
 
@@ -387,8 +474,20 @@ CONVERSIONS = ["synth"] + [t for t in ("wds", "ffcv") if t in DATA_READERS]
 
 def _convert_args(kind: str, data: Path, out: Path) -> list[str]:
     if kind == "synth":
-        return ["data", "synth", "--out", str(out), "--classes", "4", "--train-per-class", "300",
-                "--val-per-class", "10", "--workers", "1"]
+        return [
+            "data",
+            "synth",
+            "--out",
+            str(out),
+            "--classes",
+            "4",
+            "--train-per-class",
+            "300",
+            "--val-per-class",
+            "10",
+            "--workers",
+            "1",
+        ]
     return ["data", "convert", "--to", kind, "--data", str(data), "--out", str(out)]
 
 
@@ -403,8 +502,14 @@ def _check_readable(kind: str, out: Path) -> None:
 
         assert is_complete(out, SynthSpec(classes=4, train_per_class=300, val_per_class=10))
         return
-    loader = build_loader(kind, out / ("train.beton" if kind == "ffcv" else "train"), batch_size=50, train=False,
-                          image_size=16, device="cpu")
+    loader = build_loader(
+        kind,
+        out / ("train.beton" if kind == "ffcv" else "train"),
+        batch_size=50,
+        train=False,
+        image_size=16,
+        device="cpu",
+    )
     assert sum(len(y) for _, y in loader) == 600
     loader.close()
 
@@ -426,8 +531,13 @@ def test_a_conversion_killed_midway_is_refused_then_redone(kind, medium_data, tm
         with pytest.raises(LoaderError, match="not found|no manifest"):
             build_loader(kind, target, batch_size=8, device="cpu")
     # Re-running restarts cleanly: complete output, and the dead writer's leftovers are gone.
-    res = subprocess.run([sys.executable, "-m", "bench.cli", *_convert_args(kind, medium_data, out)], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "bench.cli", *_convert_args(kind, medium_data, out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert not _partial(out), _partial(out)
     _check_readable(kind, out)
@@ -438,7 +548,9 @@ def small_disk(tmp_path):
     """A 3 MB tmpfs: a real full disk (needs root, as on this project's machines)."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     if res.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {res.stderr.strip()}")
     try:
@@ -453,8 +565,9 @@ def test_out_of_space_is_reported_and_leaves_nothing(kind, medium_data, small_di
     args = _convert_args(kind, medium_data, out)
     if kind == "folder":
         args += ["--max-resolution", "300"]
-    res = subprocess.run([sys.executable, "-m", "bench.cli", *args], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "bench.cli", *args], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 2, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith(f"bench: error: out of space writing {out}"), last
@@ -466,8 +579,15 @@ def test_a_result_on_a_full_disk_is_not_left_half_written(small_disk):
     from bench.harness.result import ResultError, new_result, save
 
     (small_disk / "filler").write_bytes(b"\0" * (3 * 2**20 - 8192))
-    big = new_result(command=["bench"], config={"model": "small", "loader": "torch", "world_size": 1}, environment={},
-                     data={}, loader={}, metrics={"images_per_second": 1.0}, samples={"x": ["x" * 100] * 50_000})
+    big = new_result(
+        command=["bench"],
+        config={"model": "small", "loader": "torch", "world_size": 1},
+        environment={},
+        data={},
+        loader={},
+        metrics={"images_per_second": 1.0},
+        samples={"x": ["x" * 100] * 50_000},
+    )
     with pytest.raises(ResultError, match="out of space writing"):
         save(big, small_disk / "r")
     assert not list((small_disk / "r").iterdir())
@@ -490,12 +610,23 @@ def _one_bad_train_copy(probe, tmp_path) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("name", PROCESS_WORKERS)
-def test_a_batch_of_only_bad_files_under_ddp_is_an_error_not_a_step_mismatch(name, probe, tmp_path, tmp_cache):
+def test_a_batch_of_only_bad_files_under_ddp_is_an_error_not_a_step_mismatch(
+    name, probe, tmp_path, tmp_cache
+):
     data, bad = _one_bad_train_copy(probe, tmp_path)
     seen = []
     for rank in (0, 1):
-        loader = build_loader(name, data / "train", batch_size=1, train=True, image_size=16, device="cpu", rank=rank,
-                              world_size=2, on_bad_sample="skip")
+        loader = build_loader(
+            name,
+            data / "train",
+            batch_size=1,
+            train=True,
+            image_size=16,
+            device="cpu",
+            rank=rank,
+            world_size=2,
+            on_bad_sample="skip",
+        )
         try:
             seen.append(sum(1 for _ in loader))
         except LoaderError as exc:
@@ -504,8 +635,9 @@ def test_a_batch_of_only_bad_files_under_ddp_is_an_error_not_a_step_mismatch(nam
             seen.append("error")
         loader.close()
     assert seen.count("error") == 1, seen  # the rank that holds the file; the other is unaffected
-    alone = build_loader(name, data / "train", batch_size=1, train=True, image_size=16, device="cpu",
-                         on_bad_sample="skip")
+    alone = build_loader(
+        name, data / "train", batch_size=1, train=True, image_size=16, device="cpu", on_bad_sample="skip"
+    )
     assert sum(len(y) for _, y in alone) == len(probe["train"]) - 1 and len(alone.skipped) == 1
     assert alone.skipped[0].endswith(f"{bad.parent.name}/{bad.name})") or alone.skipped[0] == str(bad)
 
@@ -516,8 +648,19 @@ def test_dali_keeps_the_step_count_when_it_skips_under_ddp(probe, tmp_path):
     rank's own samples so that every rank still takes len(loader) steps."""
     data, bad = _one_bad_train_copy(probe, tmp_path)
     for rank in (0, 1):
-        loader = build_loader("dali", data / "train", batch_size=2, train=True, image_size=16, device="cpu",
-                              rank=rank, world_size=2, on_bad_sample="skip", drop_last=True, num_threads=1)
+        loader = build_loader(
+            "dali",
+            data / "train",
+            batch_size=2,
+            train=True,
+            image_size=16,
+            device="cpu",
+            rank=rank,
+            world_size=2,
+            on_bad_sample="skip",
+            drop_last=True,
+            num_threads=1,
+        )
         batches = [len(y) for _, y in loader]
         assert len(batches) == len(loader) and set(batches) == {2}, batches
         loader.close()
@@ -538,11 +681,18 @@ def test_worker_memory_stays_flat_across_epochs(monkeypatch):
     monkeypatch.setattr(pil, "decode_rgb", lambda source: None)  # the cheapest stand-in for a decode
     monkeypatch.setattr(pil, "augment", lambda transform, image, seed, epoch, i: pixels)
     n = 200_000
-    index = FolderIndex(Path("/nowhere"), ("a", "b"),
-                        np.array([f"/nowhere/class/img_{k:07d}.jpg" for k in range(n)]), np.zeros(n, dtype=np.int64))
+    index = FolderIndex(
+        Path("/nowhere"),
+        ("a", "b"),
+        np.array([f"/nowhere/class/img_{k:07d}.jpg" for k in range(n)]),
+        np.zeros(n, dtype=np.int64),
+    )
     assert index.paths.dtype != object and index.labels.dtype == np.int64
-    loader = lp.TorchLoader(LoaderConfig(data=Path("/nowhere"), batch_size=512, train=True, image_size=8),
-                            lp.Options(num_workers=2, persistent_workers=True), index)
+    loader = lp.TorchLoader(
+        LoaderConfig(data=Path("/nowhere"), batch_size=512, train=True, image_size=8),
+        lp.Options(num_workers=2, persistent_workers=True),
+        index,
+    )
     procs = []
     per_epoch = []
     for epoch in range(10):
@@ -559,7 +709,9 @@ def test_worker_memory_stays_flat_across_epochs(monkeypatch):
     # the workers (a bytearray grown by 16 bytes in the decode stub) failed this by 21.5 and 13.8 MiB.
     usage = np.array(per_epoch)
     growth = np.median(usage[7:10], axis=0) - np.median(usage[2:5], axis=0)
-    assert (growth < 8).all(), f"USS grew by {growth.round(1).tolist()} MiB from epochs 2-4 to 7-9: {per_epoch}"
+    assert (growth < 8).all(), (
+        f"USS grew by {growth.round(1).tolist()} MiB from epochs 2-4 to 7-9: {per_epoch}"
+    )
 
 
 # --- Bad files every backend meets ----------------------------------------------------------
@@ -597,6 +749,8 @@ def test_a_beton_damaged_inside_is_refused(probe, tmp_path):
 @pytest.mark.skipif("ffcv" not in DATA_READERS, reason="ffcv not installed")
 def test_ffcv_says_why_it_cannot_skip(probe, tmp_path, tmp_cache):
     data, bad = _one_bad_train_copy(probe, tmp_path)
-    with pytest.raises(LoaderError, match="cannot skip a bad sample, so conversion checks every image") as err:
+    with pytest.raises(
+        LoaderError, match="cannot skip a bad sample, so conversion checks every image"
+    ) as err:
         build_loader("ffcv", data / "train", batch_size=4, device="cpu", on_bad_sample="skip")
     assert str(bad) in str(err.value)

@@ -4,6 +4,7 @@ On a CPU machine these are skipped; run on a GPU machine with `pytest -m gpu`. E
 CUDA path with the CPU path it must agree with, so a GPU-only bug (a pinned buffer reused before
 its copy finished, a side stream not waited on, a wrong dtype or layout) fails here.
 """
+
 from __future__ import annotations
 
 import time
@@ -19,7 +20,10 @@ pytestmark = pytest.mark.gpu
 
 # The CUDA-specific data paths of each backend (the CPU paths are the conformance test's).
 CUDA_VARIANTS = {
-    "torch": [dict(num_workers=2, pin_memory=True), dict(num_workers=2, pin_memory=True, device_normalize=True)],
+    "torch": [
+        dict(num_workers=2, pin_memory=True),
+        dict(num_workers=2, pin_memory=True, device_normalize=True),
+    ],
     "dali": [dict(decode="gpu"), dict(decode="cpu"), dict(decode="gpu", reader="wds")],
     "ffcv": [dict(num_workers=2)],
     "wds": [dict(num_workers=2, pin_memory=True, device_normalize=True)],
@@ -39,7 +43,9 @@ def _cpu_opts(name: str, opts: dict) -> dict:
 @pytest.mark.parametrize("name,opts", CASES)
 def test_cuda_eval_batches_match_the_cpu_path(name, opts, small_data):
     def batches(device, **o):
-        loader = build_loader(name, small_data / "val", batch_size=8, train=False, image_size=64, device=device, **o)
+        loader = build_loader(
+            name, small_data / "val", batch_size=8, train=False, image_size=64, device=device, **o
+        )
         out = [(x.float().cpu(), y.cpu(), x.is_cuda and y.is_cuda) for x, y in loader]
         loader.close()
         return out
@@ -56,8 +62,9 @@ def test_cuda_eval_batches_match_the_cpu_path(name, opts, small_data):
 def test_cuda_exact_once_and_kept_batches_stay_valid(name, opts, probe):
     """Every probe sample once per epoch on CUDA; batches kept by the caller are not overwritten by
     later ones (pinned buffers, side-stream copies and DALI/FFCV output buffers are reused)."""
-    loader = build_loader(name, probe["root"] / "train", batch_size=4, train=True, image_size=16, device="cuda",
-                          **opts)
+    loader = build_loader(
+        name, probe["root"] / "train", batch_size=4, train=True, image_size=16, device="cuda", **opts
+    )
     for epoch in range(2):
         loader.set_epoch(epoch)
         kept = [(x, y) for x, y in loader]  # not cloned: must stay valid
@@ -71,8 +78,15 @@ def test_cuda_exact_once_and_kept_batches_stay_valid(name, opts, probe):
 @pytest.mark.parametrize("name", available_backends())
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_cuda_low_precision_channels_last(name, dtype, small_data):
-    loader = build_loader(name, small_data / "train", batch_size=8, image_size=64, device="cuda", dtype=dtype,
-                          channels_last=True)
+    loader = build_loader(
+        name,
+        small_data / "train",
+        batch_size=8,
+        image_size=64,
+        device="cuda",
+        dtype=dtype,
+        channels_last=True,
+    )
     images, labels = next(iter(loader))
     assert images.is_cuda and labels.is_cuda and labels.dtype == torch.int64
     assert images.dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
@@ -84,11 +98,12 @@ def test_cuda_low_precision_channels_last(name, dtype, small_data):
 def test_trainer_amp_channels_last_on_cuda(amp, small_data):
     """AMP (fp16 with GradScaler, bf16 without), channels_last, CUDA-event compute time, and the
     reported rate against an outside clock."""
-    from bench.trainer.models import build_model
     from bench.trainer import TrainConfig, train
+    from bench.trainer.models import build_model
 
-    loader = build_loader("synthetic", small_data / "train", batch_size=32, image_size=64, device="cuda",
-                          channels_last=True)
+    loader = build_loader(
+        "synthetic", small_data / "train", batch_size=32, image_size=64, device="cuda", channels_last=True
+    )
     # 5 batches per synthetic epoch here: max_steps ends the run
     cfg = TrainConfig(epochs=10, max_steps=25, amp=amp, channels_last=True, warmup_steps=5)
     t0 = time.perf_counter()
@@ -96,15 +111,35 @@ def test_trainer_amp_channels_last_on_cuda(amp, small_data):
     outside = time.perf_counter() - t0
     assert result.steps == 25 and result.measured_images == 20 * 32
     assert all(c > 0 for c in result.compute) and len(result.compute) == 20
-    assert result.images_per_second >= result.measured_images / outside  # warm-up excluded, never faster than real
+    assert (
+        result.images_per_second >= result.measured_images / outside
+    )  # warm-up excluded, never faster than real
     assert result.epochs[0].train_loss == result.epochs[0].train_loss  # not NaN: the scaler did its job
 
 
 @pytest.mark.parametrize("name", available_backends(reads_data=True))
 def test_bench_run_on_cuda(name, small_data, tmp_path):
-    p = bench("run", "--loader", name, "--data", str(small_data), "--model", "resnet18", "--amp", "bf16",
-              "--channels-last", "--steps", "12", "--batch-size", "16", "--image-size", "64", "--out",
-              str(tmp_path), cwd=tmp_path)
+    p = bench(
+        "run",
+        "--loader",
+        name,
+        "--data",
+        str(small_data),
+        "--model",
+        "resnet18",
+        "--amp",
+        "bf16",
+        "--channels-last",
+        "--steps",
+        "12",
+        "--batch-size",
+        "16",
+        "--image-size",
+        "64",
+        "--out",
+        str(tmp_path),
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     import json
 

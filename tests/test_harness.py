@@ -1,5 +1,6 @@
 """The harness itself: the ladder's figures, reports and plots, compare, doctor's verdict, tune's
 choice, resource sampling, and a real (tiny) sweep in which a missing backend is skipped."""
+
 from __future__ import annotations
 
 import copy
@@ -14,63 +15,137 @@ import pytest
 from bench.harness import report
 from bench.harness.doctor import verdict
 from bench.harness.launch import Trial
-from bench.harness.spec import RunSpec
 from bench.harness.monitor import ResourceMonitor
 from bench.harness.result import new_result, save
+from bench.harness.spec import RunSpec
 
 from .conftest import bench
 
 
-def fake_result(ips: float, label: str, *, wait=0.1, acc=0.5, eval_s=2.0, loader="torch", workers=0, epochs=None,
-                loader_only=False) -> dict:
+def fake_result(
+    ips: float,
+    label: str,
+    *,
+    wait=0.1,
+    acc=0.5,
+    eval_s=2.0,
+    loader="torch",
+    workers=0,
+    epochs=None,
+    loader_only=False,
+) -> dict:
     return new_result(
         command=["bench", "run", "--label", label],
-        config={"loader": loader, "model": "small", "label": label, "loader_options": {"num_workers": workers},
-                "amp": "off", "channels_last": False, "compile": False, "world_size": 1, "batch_size": 64,
-                "image_size": 224, "loader_only": loader_only, "epochs": 1, "warmup_steps": 5},
-        environment={"cpu": "test cpu", "cpu_count": 2, "gpus": [], "python": "3.11", "libraries": {"torch": "x"},
-                     "cuda": None, "git_commit": "abc", "git_dirty": False},
-        data={"train_samples": 1600, "classes": 10, "storage": {"source": "generated", "mean_width": 430,
-                                                                "mean_height": 373, "jpeg_quality": 90}},
+        config={
+            "loader": loader,
+            "model": "small",
+            "label": label,
+            "loader_options": {"num_workers": workers},
+            "amp": "off",
+            "channels_last": False,
+            "compile": False,
+            "world_size": 1,
+            "batch_size": 64,
+            "image_size": 224,
+            "loader_only": loader_only,
+            "epochs": 1,
+            "warmup_steps": 5,
+        },
+        environment={
+            "cpu": "test cpu",
+            "cpu_count": 2,
+            "gpus": [],
+            "python": "3.11",
+            "libraries": {"torch": "x"},
+            "cuda": None,
+            "git_commit": "abc",
+            "git_dirty": False,
+        },
+        data={
+            "train_samples": 1600,
+            "classes": 10,
+            "storage": {"source": "generated", "mean_width": 430, "mean_height": 373, "jpeg_quality": 90},
+        },
         loader={},
-        metrics={"images_per_second": ips, "data_wait_share": wait, "final_val_loss": 1.0, "final_val_accuracy": acc,
-                 "eval_seconds": [eval_s], "epochs": epochs or [], "step_time_s": {"median": 64 / ips},
-                 "resources": {"peak_rss_total_mib": 100.0, "process_cpu_percent_mean": 150.0}},
+        metrics={
+            "images_per_second": ips,
+            "data_wait_share": wait,
+            "final_val_loss": 1.0,
+            "final_val_accuracy": acc,
+            "eval_seconds": [eval_s],
+            "epochs": epochs or [],
+            "step_time_s": {"median": 64 / ips},
+            "resources": {"peak_rss_total_mib": 100.0, "process_cpu_percent_mean": 150.0},
+        },
         samples={},
     )
 
 
 def write_sweep(folder: Path, steps: list[tuple], ceilings: dict[str, list[float]], target=0.6) -> None:
     """steps: (key, kind, reference, kept, [ips...], extra fake_result kwargs)."""
-    doc = {"schema": "loaderbench.sweep/1", "command": ["bench", "sweep"], "steps": [], "ceilings": {},
-           "settings": {"model": "small", "trials": 2, "steps": 30, "warmup_steps": 5, "keep_all": False,
-                        "target_accuracy": target}}
+    doc = {
+        "schema": "loaderbench.sweep/1",
+        "command": ["bench", "sweep"],
+        "steps": [],
+        "ceilings": {},
+        "settings": {
+            "model": "small",
+            "trials": 2,
+            "steps": 30,
+            "warmup_steps": 5,
+            "keep_all": False,
+            "target_accuracy": target,
+        },
+    }
     for key, ips_list in ceilings.items():
-        doc["ceilings"][key] = [str(save(fake_result(i, key, loader="synthetic"), folder / "runs").relative_to(folder))
-                                for i in ips_list]
+        doc["ceilings"][key] = [
+            str(save(fake_result(i, key, loader="synthetic"), folder / "runs").relative_to(folder))
+            for i in ips_list
+        ]
     for key, kind, ref, kept, ips_list, kw in steps:
         paths = [str(save(fake_result(i, key, **kw), folder / "runs").relative_to(folder)) for i in ips_list]
-        doc["steps"].append({"key": key, "title": key, "kind": kind, "status": "ok" if paths else "skipped",
-                             "reason": None if paths else "not installed", "results": paths, "reference": ref,
-                             "kept": kept, "ceiling": "c" if paths else None})
+        doc["steps"].append(
+            {
+                "key": key,
+                "title": key,
+                "kind": kind,
+                "status": "ok" if paths else "skipped",
+                "reason": None if paths else "not installed",
+                "results": paths,
+                "reference": ref,
+                "kept": kept,
+                "ceiling": "c" if paths else None,
+            }
+        )
     (folder / "sweep.json").write_text(json.dumps(doc))
 
 
 def test_ladder_figures_come_from_the_results(tmp_path):
-    epochs = [{"epoch": 0, "train_seconds": 10.0, "eval_seconds": 1.0, "val_accuracy": 0.4},
-              {"epoch": 1, "train_seconds": 10.0, "eval_seconds": 1.0, "val_accuracy": 0.7},
-              {"epoch": 2, "train_seconds": 10.0, "eval_seconds": 1.0, "val_accuracy": 0.8}]
-    write_sweep(tmp_path, [
-        ("baseline", "baseline", None, None, [100.0, 110.0, 90.0], {"eval_s": 4.0}),
-        ("workers", "technique", "baseline", True, [150.0, 160.0], {}),
-        ("amp", "technique", "workers", False, [120.0], {}),
-        ("inference_eval", "eval", "workers", True, [155.0], {"eval_s": 1.0}),
-        ("dali", "swap", "workers", False, [], {}),
-        ("early_stop", "early_stop", "workers", True, [155.0], {"epochs": epochs}),
-    ], ceilings={"c": [400.0, 500.0]})
+    epochs = [
+        {"epoch": 0, "train_seconds": 10.0, "eval_seconds": 1.0, "val_accuracy": 0.4},
+        {"epoch": 1, "train_seconds": 10.0, "eval_seconds": 1.0, "val_accuracy": 0.7},
+        {"epoch": 2, "train_seconds": 10.0, "eval_seconds": 1.0, "val_accuracy": 0.8},
+    ]
+    write_sweep(
+        tmp_path,
+        [
+            ("baseline", "baseline", None, None, [100.0, 110.0, 90.0], {"eval_s": 4.0}),
+            ("workers", "technique", "baseline", True, [150.0, 160.0], {}),
+            ("amp", "technique", "workers", False, [120.0], {}),
+            ("inference_eval", "eval", "workers", True, [155.0], {"eval_s": 1.0}),
+            ("dali", "swap", "workers", False, [], {}),
+            ("early_stop", "early_stop", "workers", True, [155.0], {"epochs": epochs}),
+        ],
+        ceilings={"c": [400.0, 500.0]},
+    )
     rungs = {r.key: r for r in report.ladder(json.loads((tmp_path / "sweep.json").read_text()), tmp_path)}
-    assert rungs["baseline"].ips == 100.0 and (rungs["baseline"].ips_min, rungs["baseline"].ips_max) == (90.0, 110.0)
-    assert rungs["workers"].marginal == pytest.approx(155 / 100) and rungs["workers"].cumulative == pytest.approx(1.55)
+    assert rungs["baseline"].ips == 100.0 and (rungs["baseline"].ips_min, rungs["baseline"].ips_max) == (
+        90.0,
+        110.0,
+    )
+    assert rungs["workers"].marginal == pytest.approx(155 / 100) and rungs[
+        "workers"
+    ].cumulative == pytest.approx(1.55)
     assert rungs["amp"].marginal == pytest.approx(120 / 155)  # against the kept step, not the baseline
     assert rungs["workers"].ceiling_pct == pytest.approx(155 / 450)
     assert rungs["inference_eval"].eval_speedup == pytest.approx(2.0 / 1.0)
@@ -80,10 +155,14 @@ def test_ladder_figures_come_from_the_results(tmp_path):
 
 
 def test_report_writes_markdown_and_plots(tmp_path):
-    write_sweep(tmp_path, [
-        ("baseline", "baseline", None, None, [100.0], {}),
-        ("workers", "technique", "baseline", True, [200.0], {"workers": 2}),
-    ], ceilings={"c": [400.0]})
+    write_sweep(
+        tmp_path,
+        [
+            ("baseline", "baseline", None, None, [100.0], {}),
+            ("workers", "technique", "baseline", True, [200.0], {"workers": 2}),
+        ],
+        ceilings={"c": [400.0]},
+    )
     for w, ips in ((1, 120.0), (4, 260.0)):  # e.g. bench tune's runs in the same folder
         save(fake_result(ips, "tune", workers=w, loader_only=True), tmp_path / "runs")
     path = report.render(tmp_path, "T")
@@ -119,13 +198,33 @@ def test_compare_two_runs(tmp_path):
 
 
 def test_doctor_verdicts():
-    text, tries = verdict("torch", ceiling=1000, end_to_end=300, loader_only=320, data_wait=0.6,
-                          alternatives={"dali": 900.0, "wds": 330.0}, cuda=True, amp="off", workers=2, cores=16)
+    text, tries = verdict(
+        "torch",
+        ceiling=1000,
+        end_to_end=300,
+        loader_only=320,
+        data_wait=0.6,
+        alternatives={"dali": 900.0, "wds": 330.0},
+        cuda=True,
+        amp="off",
+        workers=2,
+        cores=16,
+    )
     assert "INPUT-BOUND by 3.1x" in text
     assert tries[0].startswith("--loader dali: 900.0 img/s") and "more workers: 2 of 16" in tries[1]
     assert not any("wds" in t for t in tries)  # within 10%: not worth a swap
-    text, tries = verdict("torch", ceiling=200, end_to_end=150, loader_only=600, data_wait=0.02, alternatives={},
-                          cuda=False, amp="off", workers=2, cores=2)
+    text, tries = verdict(
+        "torch",
+        ceiling=200,
+        end_to_end=150,
+        loader_only=600,
+        data_wait=0.02,
+        alternatives={},
+        cuda=False,
+        amp="off",
+        workers=2,
+        cores=2,
+    )
     assert "COMPUTE-BOUND" in text and tries[0].startswith("--amp bf16")
 
 
@@ -147,7 +246,9 @@ def test_tune_picks_the_fastest_measured_setting(tmp_path, monkeypatch):
 
 def test_resource_monitor_sees_worker_memory_and_cpu():
     mon = ResourceMonitor(interval=0.1).start()
-    child = subprocess.Popen([sys.executable, "-c", "b = bytearray(300 * 2**20); import time; time.sleep(1.5)"])
+    child = subprocess.Popen(
+        [sys.executable, "-c", "b = bytearray(300 * 2**20); import time; time.sleep(1.5)"]
+    )
     end = time.monotonic() + 1.2
     while time.monotonic() < end:
         sum(range(10000))  # keep this process busy
@@ -160,9 +261,8 @@ def test_resource_monitor_sees_worker_memory_and_cpu():
 
 @pytest.mark.slow
 def test_a_tiny_sweep_skips_a_missing_backend_and_reports(small_data, tmp_path, monkeypatch):
-    from loaders import registry
-
     from bench.harness.sweep import Settings, Sweep
+    from loaders import registry
 
     fake = copy.copy(registry.BACKENDS["dali"])
     object.__setattr__(fake, "requires", ("no_such_module_xyz",))

@@ -1,6 +1,7 @@
 """`bench run` end to end, as a user types it: it trains, prints a table and writes one valid
 result of record; the 2-rank CPU run (torchrun + gloo) works; the default dataset is generated
 once and reused."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,18 @@ if "wds" in available_backends():
 
 @pytest.mark.parametrize("loader,extra", LOADERS)
 def test_run_writes_a_result_of_record(small_data, tmp_path, loader, extra):
-    out = bench("run", "--loader", loader, "--data", str(small_data), *ARGS, *extra, "--out", str(tmp_path / "r"),
-                cwd=tmp_path)
+    out = bench(
+        "run",
+        "--loader",
+        loader,
+        "--data",
+        str(small_data),
+        *ARGS,
+        *extra,
+        "--out",
+        str(tmp_path / "r"),
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     res = one_result(tmp_path / "r")
     m, c = res.metrics, res.config
@@ -48,15 +59,25 @@ def test_run_writes_a_result_of_record(small_data, tmp_path, loader, extra):
 
 def test_results_are_never_overwritten(small_data, tmp_path):
     for _ in range(2):
-        out = bench("run", "--loader", "synthetic", "--data", str(small_data), *ARGS, "--no-eval",
-                    "--out", str(tmp_path / "r"), cwd=tmp_path)
+        out = bench(
+            "run",
+            "--loader",
+            "synthetic",
+            "--data",
+            str(small_data),
+            *ARGS,
+            "--no-eval",
+            "--out",
+            str(tmp_path / "r"),
+            cwd=tmp_path,
+        )
         assert out.returncode == 0, out.stderr[-3000:]
     paths = sorted((tmp_path / "r").glob("*.json"))
     assert len(paths) == 2 and all(load(p) for p in paths)
     assert not list((tmp_path / "r").glob(".*"))  # no temporaries left behind
 
 
-RANKED = [("torch", ("--workers", "1"))] + [l for l in LOADERS if l[0] == "dali"]
+RANKED = [("torch", ("--workers", "1"))] + [case for case in LOADERS if case[0] == "dali"]
 if "ffcv" in available_backends():
     RANKED.append(("ffcv", ("-o", "num_workers=1")))
 if "wds" in available_backends():
@@ -65,8 +86,21 @@ if "wds" in available_backends():
 
 @pytest.mark.parametrize("loader,extra", RANKED)
 def test_two_cpu_ranks_through_torchrun(small_data, tmp_path, loader, extra):
-    out = bench("run", "--loader", loader, "--data", str(small_data), *ARGS, *extra, "--cpu-ranks", "2",
-                "--out", str(tmp_path / "r"), cwd=tmp_path, timeout=400)
+    out = bench(
+        "run",
+        "--loader",
+        loader,
+        "--data",
+        str(small_data),
+        *ARGS,
+        *extra,
+        "--cpu-ranks",
+        "2",
+        "--out",
+        str(tmp_path / "r"),
+        cwd=tmp_path,
+        timeout=400,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     res = one_result(tmp_path / "r")  # rank 0 alone writes it
     assert res.config["world_size"] == 2
@@ -77,15 +111,38 @@ def test_two_cpu_ranks_through_torchrun(small_data, tmp_path, loader, extra):
 @pytest.mark.slow
 def test_default_dataset_generated_once_then_reused(tmp_path, tmp_cache):
     """The README's main command, shortened: no --data generates the default set into the cache."""
-    out = bench("run", "--steps", "7", "--warmup-steps", "2", "--no-eval", "--out", str(tmp_path / "r"),
-                cwd=tmp_path, env={"LOADERBENCH_CACHE": str(tmp_cache)}, timeout=500)
+    out = bench(
+        "run",
+        "--steps",
+        "7",
+        "--warmup-steps",
+        "2",
+        "--no-eval",
+        "--out",
+        str(tmp_path / "r"),
+        cwd=tmp_path,
+        env={"LOADERBENCH_CACHE": str(tmp_cache)},
+        timeout=500,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     (cached,) = tmp_cache.glob("synth-*")
     manifest = json.loads((cached / "synth.json").read_text())
     assert manifest["images"] == {"train": 1600, "val": 400}
     stamp = (cached / "synth.json").stat().st_mtime_ns
-    again = bench("run", "--loader", "synthetic", "--steps", "7", "--warmup-steps", "2", "--no-eval",
-                  "--out", str(tmp_path / "r"), cwd=tmp_path, env={"LOADERBENCH_CACHE": str(tmp_cache)})
+    again = bench(
+        "run",
+        "--loader",
+        "synthetic",
+        "--steps",
+        "7",
+        "--warmup-steps",
+        "2",
+        "--no-eval",
+        "--out",
+        str(tmp_path / "r"),
+        cwd=tmp_path,
+        env={"LOADERBENCH_CACHE": str(tmp_cache)},
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "generating" not in again.stderr
     assert (cached / "synth.json").stat().st_mtime_ns == stamp
@@ -94,8 +151,18 @@ def test_default_dataset_generated_once_then_reused(tmp_path, tmp_cache):
 
 
 def test_loader_only_measures_the_loader_without_a_model(small_data, tmp_path):
-    out = bench("run", "--loader-only", "--data", str(small_data), *ARGS, "--workers", "1",
-                "--out", str(tmp_path / "r"), cwd=tmp_path)
+    out = bench(
+        "run",
+        "--loader-only",
+        "--data",
+        str(small_data),
+        *ARGS,
+        "--workers",
+        "1",
+        "--out",
+        str(tmp_path / "r"),
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     res = one_result(tmp_path / "r")
     m = res.metrics

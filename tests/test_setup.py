@@ -1,4 +1,5 @@
 """The set-up rule: the README opens with the two commands, and CI runs the README's test command."""
+
 from __future__ import annotations
 
 import re
@@ -21,5 +22,9 @@ def test_readme_opens_with_exactly_two_setup_commands():
 
 
 def test_ci_runs_the_readme_test_command_verbatim():
-    ci = [ln for ln in (REPO / ".ci" / "run").read_text().splitlines() if ln.strip() and not ln.startswith(("#", "set ", "cd "))]
+    ci = [
+        ln
+        for ln in (REPO / ".ci" / "run").read_text().splitlines()
+        if ln.strip() and not ln.startswith(("#", "set ", "cd "))
+    ]
     assert ci == [readme_commands()[1]]

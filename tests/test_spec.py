@@ -1,5 +1,6 @@
 """The run spec: built once, carried to a child process exactly (to_argv / from_argv are inverses
 for every backend's options), recorded as it is."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -7,8 +8,8 @@ import typing
 
 import pytest
 
-from bench.harness.spec import RunSpec
 from bench.errors import UsageError
+from bench.harness.spec import RunSpec
 from loaders import LoaderError, backends
 
 
@@ -32,9 +33,18 @@ def test_argv_round_trip_is_exact_for_every_backend_option(name):
         for value in {_other_value(str(hints[f.name]), getattr(defaults, f.name)), getattr(defaults, f.name)}:
             if value is None and "None" not in str(hints[f.name]):
                 continue
-            spec = RunSpec(loader=name, options=dataclasses.replace(defaults, **{f.name: value}), steps=12,
-                           amp="bf16", channels_last=True, eval=False, eval_inference_mode=False, lr=0.125,
-                           data="/d a/t", label="a b")
+            spec = RunSpec(
+                loader=name,
+                options=dataclasses.replace(defaults, **{f.name: value}),
+                steps=12,
+                amp="bf16",
+                channels_last=True,
+                eval=False,
+                eval_inference_mode=False,
+                lr=0.125,
+                data="/d a/t",
+                label="a b",
+            )
             assert RunSpec.from_argv(spec.to_argv()) == spec, (f.name, value, spec.to_argv())
     # None where a field allows it, and the defaults: nothing but the loader on the command line
     assert RunSpec(loader=name).to_argv() == ([] if name == "torch" else ["--loader", name])

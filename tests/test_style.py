@@ -1,4 +1,5 @@
 """The tree stays formatted and lint-clean (ruff, configured in pyproject.toml): CI runs it here."""
+
 from __future__ import annotations
 
 import shutil

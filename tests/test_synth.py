@@ -1,4 +1,5 @@
 """The generated default dataset: deterministic, photo-like in cost, atomic, cached, learnable."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +11,7 @@ from PIL import Image
 
 from bench.data.synth import MANIFEST, SynthError, SynthSpec, default_dataset, generate, render
 
-from .conftest import SMALL_SPEC, bench
+from .conftest import bench
 
 
 def digest(root):
@@ -52,7 +53,9 @@ def test_content_is_textured_not_flat_or_white_noise():
     """1/f content: most energy at low frequencies (not white noise), yet real variation."""
     import io
 
-    img = np.asarray(Image.open(io.BytesIO(render(SynthSpec(), "train", 0, 0))).convert("L"), dtype=np.float64)
+    img = np.asarray(
+        Image.open(io.BytesIO(render(SynthSpec(), "train", 0, 0))).convert("L"), dtype=np.float64
+    )
     assert img.std() > 20  # not flat
     power = np.abs(np.fft.rfft2(img - img.mean())) ** 2
     fy = np.abs(np.fft.fftfreq(img.shape[0]))[:, None]
@@ -106,8 +109,23 @@ def test_default_dataset_is_generated_once_and_reused(tmp_cache):
 
 
 def test_cli_flags_and_bad_values(tmp_path):
-    out = bench("data", "synth", "--out", str(tmp_path / "s"), "--classes", "3", "--train-per-class", "2",
-                "--val-per-class", "1", "--width", "80", "--height", "60", cwd=tmp_path)
+    out = bench(
+        "data",
+        "synth",
+        "--out",
+        str(tmp_path / "s"),
+        "--classes",
+        "3",
+        "--train-per-class",
+        "2",
+        "--val-per-class",
+        "1",
+        "--width",
+        "80",
+        "--height",
+        "60",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert len(list((tmp_path / "s" / "train").rglob("*.jpg"))) == 6
     bad = bench("data", "synth", "--out", str(tmp_path / "t"), "--classes", "0", cwd=tmp_path)
@@ -118,8 +136,25 @@ def test_cli_flags_and_bad_values(tmp_path):
 @pytest.mark.slow
 def test_classes_are_learnable(small_data, tmp_path):
     """A few CPU epochs of the small CNN reach well above chance (25% for 4 classes)."""
-    out = bench("run", "--data", str(small_data), "--epochs", "4", "--batch-size", "32", "--image-size", "64",
-                "--lr", "0.1", "--workers", "0", "--out", str(tmp_path), cwd=tmp_path, timeout=400)
+    out = bench(
+        "run",
+        "--data",
+        str(small_data),
+        "--epochs",
+        "4",
+        "--batch-size",
+        "32",
+        "--image-size",
+        "64",
+        "--lr",
+        "0.1",
+        "--workers",
+        "0",
+        "--out",
+        str(tmp_path),
+        cwd=tmp_path,
+        timeout=400,
+    )
     assert out.returncode == 0, out.stderr
     (path,) = tmp_path.glob("*.json")
     acc = json.loads(path.read_text())["metrics"]["final_val_accuracy"]

@@ -6,6 +6,7 @@ an epoch's window opens when the loop asks for its iterator (or, in the warm-up 
 batch after the warm-up steps) and closes when the loop asks for a batch that is not there or stops
 asking. Runs stop mid-epoch (--steps), so an iterator torn down inside the window (FFCV's and DALI's
 pipeline threads join there: up to `batches_ahead` batches of decoding) would show."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,7 +62,7 @@ class Stamped:
             if seen >= warmup:  # a whole measured epoch, its iterator's start included
                 start, counted = e["iter"], e["images"]
             elif seen + n > warmup:  # the epoch in which the warm-up ends
-                start, counted = e["asks"][warmup - seen], e["images"][warmup - seen:]
+                start, counted = e["asks"][warmup - seen], e["images"][warmup - seen :]
             else:
                 start = None
             if start is not None:
@@ -85,9 +86,16 @@ def test_harness_images_per_second_match_an_outside_clock(name, mode, small_data
         return loader
 
     monkeypatch.setattr(runner, "build_loader", build)
-    spec = dataclasses.replace(RunSpec().with_loader(name, workers=2), data=str(small_data), batch_size=BATCH,
-                               image_size=48, steps=STEPS, warmup_steps=WARMUP, loader_only=mode == "loader-only",
-                               out=str(tmp_path))
+    spec = dataclasses.replace(
+        RunSpec().with_loader(name, workers=2),
+        data=str(small_data),
+        batch_size=BATCH,
+        image_size=48,
+        steps=STEPS,
+        warmup_steps=WARMUP,
+        loader_only=mode == "loader-only",
+        out=str(tmp_path),
+    )
     if name == "synthetic" and spec.loader_only:
         # Its batches cost under a microsecond: a window of 11 would be a few microseconds of Python.
         spec = dataclasses.replace(spec.with_options(num_samples=BATCH * 4000), steps=3000)

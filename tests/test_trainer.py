@@ -1,5 +1,6 @@
 """The trainer: it learns (fp32 and bf16), stops early on a stalled validation loss, and its
 throughput and data-wait figures agree with what an outside clock sees."""
+
 from __future__ import annotations
 
 import math
@@ -9,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from bench.trainer import TrainConfig, TrainError, train
 from bench.trainer import loop as trainer
 from bench.trainer.models import build_model
-from bench.trainer import TrainConfig, TrainError, train
 
 CPU = torch.device("cpu")
 
@@ -22,7 +23,10 @@ class Batches:
     def __init__(self, batches, sleep=0.0, first_sleep=None, warm=0):
         self.batches, self.sleep, self.first_sleep, self.warm = batches, sleep, first_sleep, warm
         self.epochs = []
-        self.asked, self.spent = [], []  # when each batch was asked for, and how long it took: an outside clock
+        self.asked, self.spent = (
+            [],
+            [],
+        )  # when each batch was asked for, and how long it took: an outside clock
 
     def set_epoch(self, epoch):
         self.epochs.append(epoch)
@@ -60,8 +64,14 @@ def test_loss_decreases_on_the_generated_set(amp, small_data):
     common = dict(batch_size=16, image_size=48, device="cpu")
     train_loader = build_loader("torch", small_data / "train", train=True, drop_last=True, **common)
     val_loader = build_loader("torch", small_data / "val", train=False, **common)
-    res = train(build_model("small", 4), train_loader, val_loader, TrainConfig(epochs=4, lr=0.1, amp=amp,
-                warmup_steps=2), CPU, log=lambda *a: None)
+    res = train(
+        build_model("small", 4),
+        train_loader,
+        val_loader,
+        TrainConfig(epochs=4, lr=0.1, amp=amp, warmup_steps=2),
+        CPU,
+        log=lambda *a: None,
+    )
     losses = [e.train_loss for e in res.epochs]
     assert losses[-1] < 0.8 * losses[0], losses
     assert res.epochs[-1].val_accuracy > 0.4  # chance: 0.25
@@ -70,8 +80,14 @@ def test_loss_decreases_on_the_generated_set(amp, small_data):
 
 def test_loss_decreases_on_a_separable_task():
     torch.manual_seed(0)
-    res = train(build_model("small", 3), Batches(separable(40)), Batches(separable(4, seed=1)),
-                TrainConfig(epochs=3, lr=0.05, warmup_steps=2), CPU, log=lambda *a: None)
+    res = train(
+        build_model("small", 3),
+        Batches(separable(40)),
+        Batches(separable(4, seed=1)),
+        TrainConfig(epochs=3, lr=0.05, warmup_steps=2),
+        CPU,
+        log=lambda *a: None,
+    )
     losses = [e.train_loss for e in res.epochs]
     assert losses[-1] < 0.5 * losses[0], losses
     assert res.epochs[-1].val_accuracy > 0.8
@@ -80,8 +96,14 @@ def test_loss_decreases_on_a_separable_task():
 def test_channels_last_trains_the_same_model():
     torch.manual_seed(0)
     model = build_model("small", 3)
-    res = train(model, Batches(separable(10)), None, TrainConfig(epochs=1, channels_last=True, warmup_steps=2),
-                CPU, log=lambda *a: None)
+    res = train(
+        model,
+        Batches(separable(10)),
+        None,
+        TrainConfig(epochs=1, channels_last=True, warmup_steps=2),
+        CPU,
+        log=lambda *a: None,
+    )
     assert math.isfinite(res.epochs[0].train_loss)
     conv = model[0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
@@ -91,16 +113,28 @@ def test_early_stopping_after_patience_epochs(monkeypatch):
     losses = iter([1.0, 0.9, 0.95, 0.97, 0.5, 0.4])  # best at epoch 1, then two bad epochs
     monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: (next(losses), 0.5))
     loader = Batches(separable(3))
-    res = train(build_model("small", 3), loader, Batches(separable(1)),
-                TrainConfig(epochs=6, patience=2, warmup_steps=1), CPU, log=lambda *a: None)
+    res = train(
+        build_model("small", 3),
+        loader,
+        Batches(separable(1)),
+        TrainConfig(epochs=6, patience=2, warmup_steps=1),
+        CPU,
+        log=lambda *a: None,
+    )
     assert res.stopped_early and len(res.epochs) == 4
     assert loader.epochs == [0, 1, 2, 3]
 
 
 def test_no_early_stop_without_patience(monkeypatch):
     monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: (1.0, 0.5))
-    res = train(build_model("small", 3), Batches(separable(3)), Batches(separable(1)),
-                TrainConfig(epochs=3, warmup_steps=1), CPU, log=lambda *a: None)
+    res = train(
+        build_model("small", 3),
+        Batches(separable(3)),
+        Batches(separable(1)),
+        TrainConfig(epochs=3, warmup_steps=1),
+        CPU,
+        log=lambda *a: None,
+    )
     assert not res.stopped_early and len(res.epochs) == 3
 
 
@@ -129,8 +163,14 @@ def test_throughput_matches_an_outside_clock_and_excludes_warm_up():
 
 def test_compute_bound_loop_has_small_data_wait():
     model = build_model("small", 3)
-    res = train(model, Batches(separable(12, batch=32, size=64)), None, TrainConfig(epochs=1, warmup_steps=2),
-                CPU, log=lambda *a: None)
+    res = train(
+        model,
+        Batches(separable(12, batch=32, size=64)),
+        None,
+        TrainConfig(epochs=1, warmup_steps=2),
+        CPU,
+        log=lambda *a: None,
+    )
     share = sum(res.data_wait) / sum(res.step_time)
     assert share < 0.05, share
     assert all(c > 0 for c in res.compute)
@@ -139,8 +179,14 @@ def test_compute_bound_loop_has_small_data_wait():
 def test_batch_of_one_is_a_clear_error_not_a_batchnorm_traceback():
     data = separable(2) + [(torch.randn(1, 3, 16, 16), torch.tensor([0]))]
     with pytest.raises(TrainError, match="batch of 1 sample"):
-        train(build_model("small", 3), Batches(data), None, TrainConfig(epochs=1, warmup_steps=1), CPU,
-              log=lambda *a: None)
+        train(
+            build_model("small", 3),
+            Batches(data),
+            None,
+            TrainConfig(epochs=1, warmup_steps=1),
+            CPU,
+            log=lambda *a: None,
+        )
 
 
 def test_eval_runs_under_inference_mode_unless_asked(monkeypatch):
@@ -157,8 +203,14 @@ def test_eval_runs_under_inference_mode_unless_asked(monkeypatch):
             return self.lin(x.flatten(1))
 
     for mode in (True, False):
-        train(Probe(), Batches(separable(4, size=4)), Batches(separable(1, size=4)),
-              TrainConfig(epochs=1, warmup_steps=1, eval_inference_mode=mode), CPU, log=lambda *a: None)
+        train(
+            Probe(),
+            Batches(separable(4, size=4)),
+            Batches(separable(1, size=4)),
+            TrainConfig(epochs=1, warmup_steps=1, eval_inference_mode=mode),
+            CPU,
+            log=lambda *a: None,
+        )
     assert seen == [True, False]
 
 
@@ -193,4 +245,6 @@ def test_all_reduce_returns_after_gloo_lets_go_of_its_tensor(tmp_path):
     for rank in range(2):
         held, sums = (tmp_path / f"rank{rank}.txt").read_text().split(" ", 1)
         assert sums == "[(2.0, 1.0)]"  # the reduction itself: 1+1, 0+1
-        assert held == "0", f"rank {rank}: {held} of 400 all-reduces returned while gloo still held the tensor"
+        assert held == "0", (
+            f"rank {rank}: {held} of 400 all-reduces returned while gloo still held the tensor"
+        )

@@ -1,6 +1,7 @@
 """The wds backend beyond the conformance test: the shard writer (balanced, original bytes, labels
 for webdataset and DALI, manifest, atomic), the epoch plan (equal batches on every rank, exact
 coverage), damaged or missing shards, too few shards, bad samples inside a shard, `bench run`."""
+
 from __future__ import annotations
 
 import io
@@ -23,8 +24,19 @@ pytestmark = pytest.mark.skipif("wds" not in available_backends(), reason="webda
 @pytest.fixture(scope="module")
 def shards(probe, tmp_path_factory):
     out = tmp_path_factory.mktemp("wds") / "probe"
-    res = bench("data", "convert", "--to", "wds", "--data", str(probe["root"]), "--out", str(out),
-                "--shard-samples", "4", cwd=out.parent)
+    res = bench(
+        "data",
+        "convert",
+        "--to",
+        "wds",
+        "--data",
+        str(probe["root"]),
+        "--out",
+        str(out),
+        "--shard-samples",
+        "4",
+        cwd=out.parent,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "6 shards of 3-4 samples" in res.stdout
     return out
@@ -67,15 +79,27 @@ def test_shards_are_balanced_and_keep_the_original_bytes(shards, probe):
 def test_shards_mix_classes(shards):
     """Samples are written in a seeded random order, so a shard is not one class."""
     m = json.loads((shards / "train" / "manifest.json").read_text())
-    per_shard = [{int(v) for k, v in members(shards / "train" / s["file"]).items() if k.endswith(".cls")}
-                 for s in m["shards"]]
+    per_shard = [
+        {int(v) for k, v in members(shards / "train" / s["file"]).items() if k.endswith(".cls")}
+        for s in m["shards"]
+    ]
     assert sum(len(c) > 1 for c in per_shard) >= len(per_shard) // 2
 
 
-@pytest.mark.parametrize("n,world,batch,workers,drop_last",
-                         [(21, 2, 3, 2, False), (21, 3, 4, 3, True), (100, 4, 7, 2, False), (9, 2, 4, 1, False),
-                          (1000, 8, 32, 5, True), (33, 5, 1, 4, False)])
-def test_plan_gives_every_rank_the_same_batches_and_covers_each_sample_once(n, world, batch, workers, drop_last):
+@pytest.mark.parametrize(
+    "n,world,batch,workers,drop_last",
+    [
+        (21, 2, 3, 2, False),
+        (21, 3, 4, 3, True),
+        (100, 4, 7, 2, False),
+        (9, 2, 4, 1, False),
+        (1000, 8, 32, 5, True),
+        (33, 5, 1, 4, False),
+    ],
+)
+def test_plan_gives_every_rank_the_same_batches_and_covers_each_sample_once(
+    n, world, batch, workers, drop_last
+):
     from loaders.wds import plan, rank_range, worker_range
 
     rng = np.random.default_rng(n)
@@ -114,7 +138,9 @@ def test_missing_truncated_or_unfinished_shards_are_refused(shards, tmp_path):
     shard = data / "train" / "shard-000002.tar"
     with open(shard, "r+b") as f:  # as by a full disk or an interrupted copy
         f.truncate(shard.stat().st_size // 2)
-    with pytest.raises(LoaderError, match=r"shard .*shard-000002.tar is truncated: \d+ bytes, its manifest says"):
+    with pytest.raises(
+        LoaderError, match=r"shard .*shard-000002.tar is truncated: \d+ bytes, its manifest says"
+    ):
         build_loader("wds", data / "train", batch_size=4, device="cpu")
     (data / "val" / "shard-000001.tar").unlink()
     with pytest.raises(LoaderError, match=r"shard-000001.tar is missing"):
@@ -144,8 +170,11 @@ def test_a_shard_damaged_inside_at_the_same_size_is_refused(backend, opts, shard
     data = copy_tree(shards, tmp_path / "c") / "train"
     build_loader(backend, data, batch_size=4, device="cpu", **opts).close()  # intact: accepted
     flip_bytes_inside_first_jpeg(data / "shard-000002.tar")
-    with pytest.raises(LoaderError, match=r"shard .*shard-000002.tar is damaged: its content differs from the "
-                                          r"checksum recorded when it was converted"):
+    with pytest.raises(
+        LoaderError,
+        match=r"shard .*shard-000002.tar is damaged: its content differs from the "
+        r"checksum recorded when it was converted",
+    ):
         build_loader(backend, data, batch_size=4, device="cpu", **opts)
     m = json.loads((data / "manifest.json").read_text())
     for entry in m["shards"]:
@@ -159,7 +188,9 @@ def test_a_shard_damaged_inside_at_the_same_size_is_refused(backend, opts, shard
 def test_a_damaged_cached_conversion_is_converted_again(probe, tmp_cache):
     from loaders.wds import read_manifest
 
-    build_loader("wds", probe["root"] / "train", batch_size=4, device="cpu").close()  # converts into the cache
+    build_loader(
+        "wds", probe["root"] / "train", batch_size=4, device="cpu"
+    ).close()  # converts into the cache
     (folder,) = [m.parent for m in tmp_cache.rglob("manifest.json")]
     flip_bytes_inside_first_jpeg(sorted(folder.glob("*.tar"))[0])
     with pytest.raises(LoaderError, match="is damaged"):
@@ -181,14 +212,35 @@ def test_a_shard_damaged_inside_fails_naming_it(shards, tmp_path):
     del m["shards"][3]["sha1"]
     (data / "train" / "manifest.json").write_text(json.dumps(m))
     for workers in (0, 2):
-        loader = build_loader("wds", data / "train", batch_size=4, device="cpu", image_size=16, num_workers=workers)
+        loader = build_loader(
+            "wds", data / "train", batch_size=4, device="cpu", image_size=16, num_workers=workers
+        )
         with pytest.raises(LoaderError, match=r"shard .*shard-000003.tar"):
             list(loader)
-    out = bench("run", "--loader", "wds", "--data", str(data), "--steps", "6", "--warmup-steps", "1",
-                "--batch-size", "4", "--image-size", "16", "--workers", "2", "--out", str(tmp_path / "r"),
-                cwd=tmp_path)
+    out = bench(
+        "run",
+        "--loader",
+        "wds",
+        "--data",
+        str(data),
+        "--steps",
+        "6",
+        "--warmup-steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--image-size",
+        "16",
+        "--workers",
+        "2",
+        "--out",
+        str(tmp_path / "r"),
+        cwd=tmp_path,
+    )
     last = out.stderr.strip().splitlines()[-1]
-    assert out.returncode == 2 and "Traceback" not in out.stderr and "shard-000003.tar" in last, out.stderr[-2000:]
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "shard-000003.tar" in last, out.stderr[
+        -2000:
+    ]
     assert not (tmp_path / "r").exists() or not list((tmp_path / "r").glob("*.json"))
 
 
@@ -216,7 +268,9 @@ def test_interrupted_conversion_leaves_nothing(probe, tmp_path, monkeypatch):
         convert_shards(probe["root"] / "train", tmp_path / "out" / "train", progress=False)
     assert list((tmp_path / "out").iterdir()) == []  # no shard folder, no temporary
     monkeypatch.undo()
-    convert_shards(probe["root"] / "train", tmp_path / "out" / "train", progress=False)  # a re-run starts clean
+    convert_shards(
+        probe["root"] / "train", tmp_path / "out" / "train", progress=False
+    )  # a re-run starts clean
     with pytest.raises(LoaderError, match="exists"):
         convert_shards(probe["root"] / "train", tmp_path / "out" / "train", progress=False)
 
@@ -225,7 +279,9 @@ def test_a_file_that_is_not_an_image_stops_the_conversion_naming_it(probe, tmp_p
     data = copy_tree(probe["root"], tmp_path / "d")
     bad = data / "train" / "bee" / "zz_notes.jpg"
     bad.write_text("not an image")
-    out = bench("data", "convert", "--to", "wds", "--data", str(data), "--out", str(tmp_path / "o"), cwd=tmp_path)
+    out = bench(
+        "data", "convert", "--to", "wds", "--data", str(data), "--out", str(tmp_path / "o"), cwd=tmp_path
+    )
     assert out.returncode == 2 and str(bad) in out.stderr.strip().splitlines()[-1], out.stderr[-2000:]
     assert not (tmp_path / "o" / "train").exists() and not list((tmp_path / "o").glob(".*"))
 
@@ -257,8 +313,9 @@ def test_bad_sample_in_a_shard_stops_naming_shard_and_file(damaged_shards):
 def test_bad_sample_in_a_shard_is_skipped_and_counted(damaged_shards, probe):
     folder, _ = damaged_shards
     # batch 7: 21 samples in 3 full batches, so the bad sample never fills a batch on its own
-    loader = build_loader("wds", folder, batch_size=7, device="cpu", image_size=16, num_workers=2,
-                          on_bad_sample="skip")
+    loader = build_loader(
+        "wds", folder, batch_size=7, device="cpu", image_size=16, num_workers=2, on_bad_sample="skip"
+    )
     ids, batches = [], 0
     for images, _ in loader:
         ids += decode_ids(images)
@@ -270,29 +327,68 @@ def test_bad_sample_in_a_shard_is_skipped_and_counted(damaged_shards, probe):
 
 
 def test_bench_run_reads_converted_shards_and_records_them(shards, tmp_path):
-    out = bench("run", "--loader", "wds", "--data", str(shards), "--epochs", "1", "--warmup-steps", "1",
-                "--batch-size", "4", "--image-size", "16", "--workers", "2", "--out", str(tmp_path / "r"),
-                cwd=tmp_path)
+    out = bench(
+        "run",
+        "--loader",
+        "wds",
+        "--data",
+        str(shards),
+        "--epochs",
+        "1",
+        "--warmup-steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--image-size",
+        "16",
+        "--workers",
+        "2",
+        "--out",
+        str(tmp_path / "r"),
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     (path,) = (tmp_path / "r").glob("*.json")
     res = json.loads(path.read_text())
     assert res["loader"]["backend"] == "wds" and res["loader"]["shards"] == 6
     assert res["data"]["storage"]["backend_storage"]["reencoded"] == 0
-    torch_out = bench("run", "--loader", "torch", "--data", str(shards), "--steps", "4", "--warmup-steps", "1", cwd=tmp_path)
+    torch_out = bench(
+        "run", "--loader", "torch", "--data", str(shards), "--steps", "4", "--warmup-steps", "1", cwd=tmp_path
+    )
     assert torch_out.returncode == 2 and "webdataset shards" in torch_out.stderr
 
 
 @pytest.mark.skipif("dali" not in available_backends(), reason="dali not installed")
 def test_dali_reads_the_same_shards(shards, probe, tmp_path):
-    loader = build_loader("dali", shards / "train", batch_size=4, device="cpu", image_size=16, reader="wds",
-                          num_threads=2)
+    loader = build_loader(
+        "dali", shards / "train", batch_size=4, device="cpu", image_size=16, reader="wds", num_threads=2
+    )
     ids = [i for images, _ in loader for i in decode_ids(images)]
     assert sorted(ids) == sorted(probe["train"])
     with pytest.raises(LoaderError, match="cannot skip bad samples"):
         build_loader("dali", shards / "train", batch_size=4, device="cpu", reader="wds", on_bad_sample="skip")
-    out = bench("run", "--loader", "dali", "-o", "reader=wds", "-o", "num_threads=2", "--data", str(shards),
-                "--epochs", "1", "--warmup-steps", "1", "--batch-size", "4", "--image-size", "16",
-                "--out", str(tmp_path / "r"), cwd=tmp_path)
+    out = bench(
+        "run",
+        "--loader",
+        "dali",
+        "-o",
+        "reader=wds",
+        "-o",
+        "num_threads=2",
+        "--data",
+        str(shards),
+        "--epochs",
+        "1",
+        "--warmup-steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--image-size",
+        "16",
+        "--out",
+        str(tmp_path / "r"),
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     (path,) = (tmp_path / "r").glob("*.json")
     assert json.loads(path.read_text())["loader"]["shards"] == 6

@@ -2,6 +2,7 @@
 that a backend plugs in with its own module and one registry line: tests/conftest.py names it in
 LOADERBENCH_BACKENDS, and then the conformance suite, `bench run`, `bench tune` and `bench sweep`
 take it like any other (no edit anywhere else)."""
+
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -50,13 +51,20 @@ class ToyLoader(BaseLoader):
 
     def _batches(self):
         cfg = self.config
-        order = shard_indices(len(self.index), cfg.rank, cfg.world_size, shuffle=cfg.train, seed=cfg.seed,
-                              epoch=self.epoch, pad=cfg.train)
+        order = shard_indices(
+            len(self.index),
+            cfg.rank,
+            cfg.world_size,
+            shuffle=cfg.train,
+            seed=cfg.seed,
+            epoch=self.epoch,
+            pad=cfg.train,
+        )
         stop = len(order) - len(order) % cfg.batch_size if cfg.drop_last else len(order)
         with ThreadPoolExecutor(self.options.threads) as pool:
             pending = []
             for k in range(0, stop, cfg.batch_size):
-                pending.append([pool.submit(self._sample, i) for i in order[k:k + cfg.batch_size]])
+                pending.append([pool.submit(self._sample, i) for i in order[k : k + cfg.batch_size]])
                 if len(pending) > self.options.ahead:
                     yield from self._collate(pending.pop(0))
             for futures in pending:

@@ -5,6 +5,7 @@
 same resolution and quality (storage resolution dominates decode cost: compare like with like).
 Every output is written under a temporary name and renamed when complete.
 """
+
 from __future__ import annotations
 
 import json
@@ -82,13 +83,26 @@ def to_folder(root: Path, out: Path, max_resolution: int, quality: int, workers:
                 tasks.append((str(path), str((tmp / rel).with_suffix(".jpg")), max_resolution, quality))
         start = time.perf_counter()
         with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-            stats = list(tqdm(pool.map(_resize_one, tasks, chunksize=16), total=len(tasks),
-                              desc=f"resizing to {max_resolution} px", unit="img"))
+            stats = list(
+                tqdm(
+                    pool.map(_resize_one, tasks, chunksize=16),
+                    total=len(tasks),
+                    desc=f"resizing to {max_resolution} px",
+                    unit="img",
+                )
+            )
         n = len(stats)
-        manifest = {"kind": "loaderbench resized ImageFolder", "source": str(root.resolve()),
-                    "max_resolution": max_resolution, "jpeg_quality": quality, "images": n,
-                    "mean_bytes": sum(s[0] for s in stats) / n, "mean_width": sum(s[1] for s in stats) / n,
-                    "mean_height": sum(s[2] for s in stats) / n, "seconds": round(time.perf_counter() - start, 2)}
+        manifest = {
+            "kind": "loaderbench resized ImageFolder",
+            "source": str(root.resolve()),
+            "max_resolution": max_resolution,
+            "jpeg_quality": quality,
+            "images": n,
+            "mean_bytes": sum(s[0] for s in stats) / n,
+            "mean_width": sum(s[1] for s in stats) / n,
+            "mean_height": sum(s[2] for s in stats) / n,
+            "seconds": round(time.perf_counter() - start, 2),
+        }
         (tmp / FOLDER_MANIFEST).write_text(json.dumps(manifest, indent=1))
         os.rename(tmp, out)
     return manifest
@@ -100,14 +114,25 @@ def folder_storage(root: Path) -> dict:
     manifest = root.parent / MANIFEST
     if manifest.is_file():
         m = json.loads(manifest.read_text())
-        return {"source": "generated", "mean_width": m["mean_width"], "mean_height": m["mean_height"],
-                "mean_bytes": m["mean_bytes"], "jpeg_quality": m["spec"]["quality"], "spec": m["spec"]}
+        return {
+            "source": "generated",
+            "mean_width": m["mean_width"],
+            "mean_height": m["mean_height"],
+            "mean_bytes": m["mean_bytes"],
+            "jpeg_quality": m["spec"]["quality"],
+            "spec": m["spec"],
+        }
     resized = root.parent / FOLDER_MANIFEST
     if resized.is_file():
         m = json.loads(resized.read_text())
-        return {"source": "bench data convert --to folder", "mean_width": m["mean_width"],
-                "mean_height": m["mean_height"], "mean_bytes": m["mean_bytes"], "jpeg_quality": m["jpeg_quality"],
-                "max_resolution": m["max_resolution"]}
+        return {
+            "source": "bench data convert --to folder",
+            "mean_width": m["mean_width"],
+            "mean_height": m["mean_height"],
+            "mean_bytes": m["mean_bytes"],
+            "jpeg_quality": m["jpeg_quality"],
+            "max_resolution": m["max_resolution"],
+        }
     from PIL import Image
 
     index = scan_imagefolder(root)
@@ -120,5 +145,11 @@ def folder_storage(root: Path) -> dict:
         except Exception:
             continue
     w, h, b = (sum(col) / len(col) for col in zip(*sizes)) if sizes else (None, None, None)
-    return {"source": "sampled headers", "files_sampled": len(sizes), "mean_width": w, "mean_height": h,
-            "mean_bytes": b, "jpeg_quality": None}
+    return {
+        "source": "sampled headers",
+        "files_sampled": len(sizes),
+        "mean_width": w,
+        "mean_height": h,
+        "mean_bytes": b,
+        "jpeg_quality": None,
+    }

@@ -6,6 +6,7 @@ occluding shapes for hard edges, saved at ImageNet-like size (~400-500 x 333-375
 small CNN can learn it through random-resized-crop + flip, but not from one pixel.
 Deterministic for a seed: every image has its own seed from (seed, split, class, index).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -123,7 +124,9 @@ def is_complete(out: Path, spec: SynthSpec) -> bool:
         return False
 
 
-def generate(out: Path | str, spec: SynthSpec = SynthSpec(), workers: int | None = None, progress: bool = True) -> dict:
+def generate(
+    out: Path | str, spec: SynthSpec = SynthSpec(), workers: int | None = None, progress: bool = True
+) -> dict:
     """Write the dataset to ``out`` (train/ and val/ ImageFolders plus a manifest).
 
     Written into a temporary sibling folder and renamed at the end: ``out`` either holds a
@@ -153,8 +156,13 @@ def generate(out: Path | str, spec: SynthSpec = SynthSpec(), workers: int | None
             start = time.perf_counter()
             with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
                 stats = list(
-                    tqdm(pool.map(_write_one, tasks, chunksize=16), total=len(tasks), desc=f"generating {out.name}",
-                         unit="img", disable=not progress)
+                    tqdm(
+                        pool.map(_write_one, tasks, chunksize=16),
+                        total=len(tasks),
+                        desc=f"generating {out.name}",
+                        unit="img",
+                        disable=not progress,
+                    )
                 )
             sizes, widths, heights = (np.array(col) for col in zip(*stats))
             manifest = {

@@ -4,6 +4,7 @@ Three probes, each a short `bench run` in its own process: the synthetic ceiling
 input cost), the loader alone (no model) and the two together; plus, unless --quick, the loader
 alone for every other installed backend, so the advice names the numbers behind it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,35 +30,58 @@ def probe_spec(spec: RunSpec, loader: str, workers: int, cuda: bool) -> RunSpec:
     probe = spec.with_loader(loader, workers=workers, pin_memory=cuda)
     if loader == spec.loader:
         defaults = type(spec.options)()
-        given = {f.name: getattr(spec.options, f.name) for f in dataclasses.fields(spec.options)
-                 if getattr(spec.options, f.name) != getattr(defaults, f.name)}
+        given = {
+            f.name: getattr(spec.options, f.name)
+            for f in dataclasses.fields(spec.options)
+            if getattr(spec.options, f.name) != getattr(defaults, f.name)
+        }
         probe = probe.with_options(**given)
     return dataclasses.replace(probe, eval=False)
 
 
-def verdict(loader: str, ceiling: float, end_to_end: float, loader_only: float, data_wait: float | None,
-            alternatives: dict[str, float], cuda: bool, amp: str, workers: int, cores: int) -> tuple[str, list[str]]:
+def verdict(
+    loader: str,
+    ceiling: float,
+    end_to_end: float,
+    loader_only: float,
+    data_wait: float | None,
+    alternatives: dict[str, float],
+    cuda: bool,
+    amp: str,
+    workers: int,
+    cores: int,
+) -> tuple[str, list[str]]:
     """(the verdict in words, the things to try in order), from measured rates."""
-    lines = [f"synthetic ceiling (model, no input): {ceiling:,.1f} img/s",
-             f"{loader} alone (no model): {loader_only:,.1f} img/s",
-             f"{loader} + model, end to end: {end_to_end:,.1f} img/s"
-             + (f" ({data_wait:.0%} of each step waiting for data)" if data_wait is not None else "")]
+    lines = [
+        f"synthetic ceiling (model, no input): {ceiling:,.1f} img/s",
+        f"{loader} alone (no model): {loader_only:,.1f} img/s",
+        f"{loader} + model, end to end: {end_to_end:,.1f} img/s"
+        + (f" ({data_wait:.0%} of each step waiting for data)" if data_wait is not None else ""),
+    ]
     tries: list[str] = []
     if loader_only < INPUT_BOUND * ceiling:
-        lines.append(f"verdict: INPUT-BOUND by {ceiling / loader_only:.1f}x: the loader delivers "
-                     f"{loader_only:,.1f} img/s and the model could take {ceiling:,.1f}; end to end reaches "
-                     f"{end_to_end / ceiling:.0%} of the ceiling.")
+        lines.append(
+            f"verdict: INPUT-BOUND by {ceiling / loader_only:.1f}x: the loader delivers "
+            f"{loader_only:,.1f} img/s and the model could take {ceiling:,.1f}; end to end reaches "
+            f"{end_to_end / ceiling:.0%} of the ceiling."
+        )
         better = sorted(((v, k) for k, v in alternatives.items() if v > 1.1 * loader_only), reverse=True)
         for v, k in better:
-            tries.append(f"--loader {k}: {v:,.1f} img/s alone here, {v / loader_only:.1f}x the {loader} loader")
+            tries.append(
+                f"--loader {k}: {v:,.1f} img/s alone here, {v / loader_only:.1f}x the {loader} loader"
+            )
         if "workers" in get_backend(loader, installed=False).knobs and workers < cores:
             tries.append(f"more workers: {workers} of {cores} cores in use (bench tune --loader {loader})")
         if not tries:
-            tries.append(f"bench tune --loader {loader} (workers, prefetch); smaller stored images "
-                         "(bench data convert --to folder|ffcv --max-resolution 256)")
+            tries.append(
+                f"bench tune --loader {loader} (workers, prefetch); smaller stored images "
+                "(bench data convert --to folder|ffcv --max-resolution 256)"
+            )
     else:
-        lines.append(f"verdict: COMPUTE-BOUND: the loader alone ({loader_only:,.1f} img/s) outpaces the model "
-                     f"({ceiling:,.1f} img/s); end to end reaches {end_to_end / ceiling:.0%} of the ceiling.")
+        lines.append(
+            f"verdict: COMPUTE-BOUND: the loader alone ({loader_only:,.1f} img/s) outpaces the model "
+            f"({ceiling:,.1f} img/s); end to end reaches {end_to_end / ceiling:.0%} of the ceiling."
+        )
         if amp == "off":
             tries.append("--amp bf16" + ("" if cuda else " (on a CPU without bf16 units this can be slower)"))
         tries.append("--channels-last")
@@ -65,26 +89,34 @@ def verdict(loader: str, ceiling: float, end_to_end: float, loader_only: float, 
         if cuda and torch.cuda.device_count() > 1:
             tries.append(f"--gpus {torch.cuda.device_count()}")
     if end_to_end < 0.8 * min(loader_only, ceiling):
-        lines.append(f"note: end to end is {end_to_end / min(loader_only, ceiling):.0%} of the slower of the two "
-                     "alone: the loader and the model compete for the same "
-                     + ("cores (decode and training share the CPU)" if not cuda else "CPU cores or PCIe bandwidth"))
+        lines.append(
+            f"note: end to end is {end_to_end / min(loader_only, ceiling):.0%} of the slower of the two "
+            "alone: the loader and the model compete for the same "
+            + ("cores (decode and training share the CPU)" if not cuda else "CPU cores or PCIe bandwidth")
+        )
     return "\n".join(lines), tries
 
 
-def diagnose(spec: RunSpec, out: Path, command: list[str], workers: int = 0, quick: bool = False, log=print) -> dict:
+def diagnose(
+    spec: RunSpec, out: Path, command: list[str], workers: int = 0, quick: bool = False, log=print
+) -> dict:
     runs = out / "runs"
     cores = os.cpu_count() or 1
     workers = workers or min(cores, 8)
     cuda = torch.cuda.is_available()
     ceiling = next(b.name for b in backends() if b.is_ceiling)
     tested = probe_spec(spec, spec.loader, workers, cuda)
-    probes = {"ceiling": dataclasses.replace(spec.with_loader(ceiling), eval=False),
-              "end_to_end": tested,
-              "loader_only": dataclasses.replace(tested, loader_only=True)}
+    probes = {
+        "ceiling": dataclasses.replace(spec.with_loader(ceiling), eval=False),
+        "end_to_end": tested,
+        "loader_only": dataclasses.replace(tested, loader_only=True),
+    }
     if not quick:
         for b in backends():
             if not b.is_ceiling and b.name != spec.loader and b.installed:
-                probes[f"alt_{b.name}"] = dataclasses.replace(probe_spec(spec, b.name, workers, cuda), loader_only=True)
+                probes[f"alt_{b.name}"] = dataclasses.replace(
+                    probe_spec(spec, b.name, workers, cuda), loader_only=True
+                )
     measured, errors, files = {}, {}, {}
     for key, probe in probes.items():
         log(f"doctor: {key.replace('_', ' ')} ...")
@@ -99,16 +131,32 @@ def diagnose(spec: RunSpec, out: Path, command: list[str], workers: int = 0, qui
         if key not in measured:
             raise DoctorError(f"the {key.replace('_', ' ')} probe failed: {errors.get(key)}")
     alts = {k[4:]: m.images_per_second for k, m in measured.items() if k.startswith("alt_")}
-    text, tries = verdict(spec.loader, measured["ceiling"].images_per_second,
-                          measured["end_to_end"].images_per_second, measured["loader_only"].images_per_second,
-                          measured["end_to_end"].data_wait_share, alts, cuda, spec.amp, workers, cores)
+    text, tries = verdict(
+        spec.loader,
+        measured["ceiling"].images_per_second,
+        measured["end_to_end"].images_per_second,
+        measured["loader_only"].images_per_second,
+        measured["end_to_end"].data_wait_share,
+        alts,
+        cuda,
+        spec.amp,
+        workers,
+        cores,
+    )
     if tries:
         text += "\ntry first: " + tries[0] + "".join(f"\nthen: {t}" for t in tries[1:])
     failed = "".join(f"\nnot measured: {k} ({v})" for k, v in errors.items())
-    doc = {"schema": "loaderbench.doctor/1", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
-           "probe": spec.record(), "workers": workers, "results": files,
-           "images_per_second": {k: m.images_per_second for k, m in measured.items()},
-           "verdict": text + failed, "try": tries}
+    doc = {
+        "schema": "loaderbench.doctor/1",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": command,
+        "probe": spec.record(),
+        "workers": workers,
+        "results": files,
+        "images_per_second": {k: m.images_per_second for k, m in measured.items()},
+        "verdict": text + failed,
+        "try": tries,
+    }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "doctor.json", doc)
     return doc

@@ -1,4 +1,5 @@
 """What a result records about the machine and the code that produced it."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -9,7 +10,16 @@ from pathlib import Path
 
 import torch
 
-LIBRARIES = ("torch", "torchvision", "numpy", "pillow", "nvidia-dali-cuda130", "ffcv", "webdataset", "loaderbench")
+LIBRARIES = (
+    "torch",
+    "torchvision",
+    "numpy",
+    "pillow",
+    "nvidia-dali-cuda130",
+    "ffcv",
+    "webdataset",
+    "loaderbench",
+)
 
 
 def _cpu_model() -> str:
@@ -34,9 +44,13 @@ def _git(*args: str) -> str | None:
 def _gpus() -> list[dict]:
     if not torch.cuda.is_available():
         return []
-    gpus = [{"name": torch.cuda.get_device_name(i),
-             "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)}
-            for i in range(torch.cuda.device_count())]
+    gpus = [
+        {
+            "name": torch.cuda.get_device_name(i),
+            "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1),
+        }
+        for i in range(torch.cuda.device_count())
+    ]
     try:  # the driver version comes from NVML when nvidia-ml-py is installed
         import pynvml
 

@@ -1,6 +1,7 @@
 """Run `bench run` as a child process and pick up the result it wrote: what `bench sweep`,
 `bench doctor` and `bench tune` are made of. A fresh process per trial, so no run inherits another's
 workers, compiled graphs, DALI pipelines or FFCV thread settings."""
+
 from __future__ import annotations
 
 import dataclasses

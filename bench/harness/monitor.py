@@ -1,6 +1,7 @@
 """Resource sampling during a run: CPU utilisation and memory of this process and its children
 (DataLoader workers, DALI/FFCV threads live in the process itself) through psutil, and GPU
 utilisation and memory through NVML (nvidia-ml-py) when there is a GPU."""
+
 from __future__ import annotations
 
 import statistics
@@ -84,7 +85,7 @@ class ResourceMonitor:
             except psutil.Error:
                 continue
 
-    def start(self) -> "ResourceMonitor":
+    def start(self) -> ResourceMonitor:
         self._nvml, self._gpu = _nvml_handle(self.gpu_index) if self.gpu_index is not None else (None, None)
         self._thread = threading.Thread(target=self._loop, name="loaderbench-monitor", daemon=True)
         self._thread.start()

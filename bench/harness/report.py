@@ -2,6 +2,7 @@
 `bench sweep` when there is one, into README.md + PNG plots) and `bench compare` (ratios between
 two result sets). Every figure is computed here from the results of record; nothing is copied from
 a summary that could disagree with them."""
+
 from __future__ import annotations
 
 import collections
@@ -21,6 +22,7 @@ class ReportError(BenchError):
 
 
 # -- reading ---------------------------------------------------------------------------------------
+
 
 def results_in(folder: Path) -> dict[str, Result]:
     """Every result file under ``folder`` (recursively), by path relative to it."""
@@ -45,8 +47,19 @@ def signature(r: Result) -> tuple:
     c = r.config
     st = r.data["storage"]
     res = (st.get("backend_storage") or {}).get("max_resolution") or st.get("max_resolution") or "original"
-    return (r.label, r.mode, c["loader"], json.dumps(r.options, sort_keys=True), c["amp"], c["channels_last"],
-            c["compile"], c["world_size"], c["batch_size"], c["image_size"], str(res))
+    return (
+        r.label,
+        r.mode,
+        c["loader"],
+        json.dumps(r.options, sort_keys=True),
+        c["amp"],
+        c["channels_last"],
+        c["compile"],
+        c["world_size"],
+        c["batch_size"],
+        c["image_size"],
+        str(res),
+    )
 
 
 @dataclass
@@ -120,20 +133,29 @@ def ladder(sweep: dict, folder: Path, results: dict[str, Result] | None = None) 
     def trials_of(paths):
         missing = [p for p in paths if p not in results]
         if missing:
-            raise ReportError(f"{folder}: sweep.json names result(s) that are missing or unreadable: "
-                              f"{', '.join(missing[:3])}")
+            raise ReportError(
+                f"{folder}: sweep.json names result(s) that are missing or unreadable: "
+                f"{', '.join(missing[:3])}"
+            )
         return [results[p] for p in paths]
 
-    ceilings = {k: _median([r.ips for r in trials_of(v)])
-                for k, v in sweep.get("ceilings", {}).items()}
+    ceilings = {k: _median([r.ips for r in trials_of(v)]) for k, v in sweep.get("ceilings", {}).items()}
     target = sweep["settings"]["target_accuracy"]
     rungs: dict[str, Rung] = {}
     for st in sweep["steps"]:
         trials = trials_of(st["results"])
         g = Group(trials)
         ips = g.ips
-        rung = Rung(st["key"], st["title"], st["kind"], st["status"], st["reason"], st["kept"], trials,
-                    reference=st.get("reference"))
+        rung = Rung(
+            st["key"],
+            st["title"],
+            st["kind"],
+            st["status"],
+            st["reason"],
+            st["kept"],
+            trials,
+            reference=st.get("reference"),
+        )
         if ips:
             rung.ips, rung.ips_min, rung.ips_max = statistics.median(ips), min(ips), max(ips)
             rung.medians = {name: g.median(fn) for name, fn in MEDIANS.items()}
@@ -152,7 +174,11 @@ def ladder(sweep: dict, folder: Path, results: dict[str, Result] | None = None) 
             elapsed = 0.0
             for e in epochs:
                 elapsed += e["train_seconds"] + (e.get("eval_seconds") or 0.0)
-                if rung.time_to_target is None and e.get("val_accuracy") is not None and e["val_accuracy"] >= target:
+                if (
+                    rung.time_to_target is None
+                    and e.get("val_accuracy") is not None
+                    and e["val_accuracy"] >= target
+                ):
                     rung.time_to_target, rung.target_epoch = elapsed, e["epoch"] + 1
             rung.full_time = elapsed
         rungs[st["key"]] = rung
@@ -168,9 +194,11 @@ def _pct(v):
 
 
 def ladder_table(rungs: list[Rung], sweep: dict) -> list[str]:
-    lines = ["| step | what changed | images/s (median, min-max, trials) | marginal | cumulative | data wait "
-             "| % of ceiling | val loss / acc | eval s | kept |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| step | what changed | images/s (median, min-max, trials) | marginal | cumulative | data wait "
+        "| % of ceiling | val loss / acc | eval s | kept |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rungs:
         if r.status != "ok":
             lines.append(f"| {r.key} | {r.title} | {r.status}: {r.reason} | | | | | | | no |")
@@ -181,21 +209,28 @@ def ladder_table(rungs: list[Rung], sweep: dict) -> list[str]:
             marginal = f"eval {_x(r.eval_speedup)}"
         if r.kind == "early_stop":
             if r.time_to_target is None:
-                marginal = (f"target {sweep['settings']['target_accuracy']:g} not reached in "
-                            f"{len(r.trials[0].metrics.epochs)} epochs")
+                marginal = (
+                    f"target {sweep['settings']['target_accuracy']:g} not reached in "
+                    f"{len(r.trials[0].metrics.epochs)} epochs"
+                )
             else:
-                marginal = (f"time {_x(r.full_time / r.time_to_target)}: {r.time_to_target:.1f} s to the target "
-                            f"(epoch {r.target_epoch}) vs {r.full_time:.1f} s")
+                marginal = (
+                    f"time {_x(r.full_time / r.time_to_target)}: {r.time_to_target:.1f} s to the target "
+                    f"(epoch {r.target_epoch}) vs {r.full_time:.1f} s"
+                )
         acc = "-" if r.val_acc is None else f"{r.val_loss:.3f} / {r.val_acc:.3f}"
         kept = {True: "yes", False: "no", None: "-"}[r.kept] if r.kind != "baseline" else "-"
         if r.kind == "apart":
             kept = "helped; measured apart" if r.kept else "no; measured apart"
-        lines.append(f"| {r.key} | {r.title} | {ips} | {marginal} | {_x(r.cumulative)} | {_pct(r.data_wait)} | "
-                     f"{_pct(r.ceiling_pct)} | {acc} | {_x(r.eval_s, '.2f', '')} | {kept} |")
+        lines.append(
+            f"| {r.key} | {r.title} | {ips} | {marginal} | {_x(r.cumulative)} | {_pct(r.data_wait)} | "
+            f"{_pct(r.ceiling_pct)} | {acc} | {_x(r.eval_s, '.2f', '')} | {kept} |"
+        )
     return lines
 
 
 # -- plots -----------------------------------------------------------------------------------------
+
 
 def _plt():
     import matplotlib
@@ -216,8 +251,12 @@ def plot_ladder(rungs: list[Rung], folder: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(ok) + 1.5))
     y = range(len(ok))
-    ax.barh([i + 0.2 for i in y], [r.cumulative or 0 for r in ok], height=0.4, label="cumulative (vs baseline)")
-    ax.barh([i - 0.2 for i in y], [r.marginal or 0 for r in ok], height=0.4, label="marginal (vs the step before)")
+    ax.barh(
+        [i + 0.2 for i in y], [r.cumulative or 0 for r in ok], height=0.4, label="cumulative (vs baseline)"
+    )
+    ax.barh(
+        [i - 0.2 for i in y], [r.marginal or 0 for r in ok], height=0.4, label="marginal (vs the step before)"
+    )
     ax.axvline(1.0, color="k", lw=0.8)
     ax.set_yticks(list(y), names)
     ax.invert_yaxis()
@@ -277,43 +316,58 @@ def plot_workers(results: dict[str, Result], folder: Path) -> list[str]:
 
 # -- the report ------------------------------------------------------------------------------------
 
+
 def runs_table(results: dict[str, Result]) -> list[str]:
-    lines = ["| label | mode | loader | options | amp / channels_last / compile | ranks | storage px | images/s median "
-             "| min - max | trials | data wait | val acc | CPU % (process) | peak RSS MiB | GPU util % |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| label | mode | loader | options | amp / channels_last / compile | ranks | storage px | images/s median "
+        "| min - max | trials | data wait | val acc | CPU % (process) | peak RSS MiB | GPU util % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for sig, g in sorted(groups_of(results).items(), key=lambda kv: str(kv[0])):
         label, mode, loader, opts, amp, cl, comp, ranks, _, _, res = sig
         ips = g.ips
-        acc = g.median(lambda r: r.metrics.final_val_accuracy)
-        res_of = lambda k: g.median(lambda r: r.metrics.resource(k))  # noqa: E731
-        cpu, rss, gpu = res_of("process_cpu_percent_mean"), res_of("peak_rss_total_mib"), res_of("gpu_util_percent_mean")
+        acc, cpu, rss, gpu = (
+            g.median(MEDIANS[k]) for k in ("val_acc", "cpu_pct", "peak_rss_mib", "gpu_util")
+        )
         opts_txt = ", ".join(f"{k}={v}" for k, v in json.loads(opts).items()) or "-"
-        lines.append(f"| {label or '-'} | {mode} | {loader} | {opts_txt} | {amp} / {cl} / {comp} | {ranks} | {res} | "
-                     f"{statistics.median(ips):,.1f} | {min(ips):,.1f} - {max(ips):,.1f} | {len(ips)} | "
-                     f"{_pct(g.median(lambda r: r.metrics.data_wait_share))} | "
-                     f"{'-' if acc is None else f'{acc:.3f}'} | {'-' if cpu is None else f'{cpu:.0f}'} | "
-                     f"{'-' if rss is None else f'{rss:,.0f}'} | {'-' if gpu is None else f'{gpu:.0f}'} |")
+        lines.append(
+            f"| {label or '-'} | {mode} | {loader} | {opts_txt} | {amp} / {cl} / {comp} | {ranks} | {res} | "
+            f"{statistics.median(ips):,.1f} | {min(ips):,.1f} - {max(ips):,.1f} | {len(ips)} | "
+            f"{_pct(g.median(lambda r: r.metrics.data_wait_share))} | "
+            f"{'-' if acc is None else f'{acc:.3f}'} | {'-' if cpu is None else f'{cpu:.0f}'} | "
+            f"{'-' if rss is None else f'{rss:,.0f}'} | {'-' if gpu is None else f'{gpu:.0f}'} |"
+        )
     return lines
 
 
 def machine_line(r: Result) -> str:
     env = r.environment
-    gpus = ", ".join(f"{g['name']}" + (f" (driver {g['driver']})" if g.get("driver") else "") for g in env["gpus"])
+    gpus = ", ".join(
+        f"{g['name']}" + (f" (driver {g['driver']})" if g.get("driver") else "") for g in env["gpus"]
+    )
     libs = env.get("libraries", {})
-    extra = ", ".join(f"{k} {v}" for k, v in libs.items() if k in ("nvidia-dali-cuda130", "ffcv", "webdataset"))
-    return (f"{env['cpu']}, {env['cpu_count']} cores, {gpus or 'no GPU'}; Python {env['python']}, "
-            f"torch {libs.get('torch')}" + (f" (CUDA {env['cuda']})" if env.get("cuda") else "")
-            + (f", {extra}" if extra else "") + f"; commit {(env.get('git_commit') or '?')[:10]}"
-            + (" (dirty)" if env.get("git_dirty") else ""))
+    extra = ", ".join(
+        f"{k} {v}" for k, v in libs.items() if k in ("nvidia-dali-cuda130", "ffcv", "webdataset")
+    )
+    return (
+        f"{env['cpu']}, {env['cpu_count']} cores, {gpus or 'no GPU'}; Python {env['python']}, "
+        f"torch {libs.get('torch')}"
+        + (f" (CUDA {env['cuda']})" if env.get("cuda") else "")
+        + (f", {extra}" if extra else "")
+        + f"; commit {(env.get('git_commit') or '?')[:10]}"
+        + (" (dirty)" if env.get("git_dirty") else "")
+    )
 
 
 def data_line(r: Result) -> str:
     d, c = r.data, r.config
     st = d["storage"]
-    size = (f"{st['mean_width']:.0f}x{st['mean_height']:.0f} px mean" if st.get("mean_width") else "size n/a")
+    size = f"{st['mean_width']:.0f}x{st['mean_height']:.0f} px mean" if st.get("mean_width") else "size n/a"
     q = f", JPEG q{st['jpeg_quality']}" if st.get("jpeg_quality") else ""
-    return (f"{d['train_samples']} training images in {d['classes']} classes ({st.get('source')}, {size}{q}), "
-            f"{c['image_size']} px crops, batch {c['batch_size']} per rank")
+    return (
+        f"{d['train_samples']} training images in {d['classes']} classes ({st.get('source')}, {size}{q}), "
+        f"{c['image_size']} px crops, batch {c['batch_size']} per rank"
+    )
 
 
 def render(folder: Path | str, title: str | None = None, command: str | None = None) -> Path:
@@ -323,14 +377,23 @@ def render(folder: Path | str, title: str | None = None, command: str | None = N
     results = results_in(folder)
     if not results:
         raise ReportError(f"{folder}: no result files (bench run --out {folder}/runs writes them)")
-    docs = {name: json.loads((folder / name).read_text()) for name in ("sweep.json", "tune.json", "doctor.json")
-            if (folder / name).is_file()}
+    docs = {
+        name: json.loads((folder / name).read_text())
+        for name in ("sweep.json", "tune.json", "doctor.json")
+        if (folder / name).is_file()
+    }
     first = next(iter(results.values()))
-    lines = [f"# {title or folder.name}", "",
-             f"Machine: {machine_line(first)}.", "",
-             f"Data: {data_line(first)}.", "",
-             "Throughput is images / wall time after the warm-up steps, summed over ranks (evaluation excluded); "
-             "medians over trials. Rendered by `bench report` from the JSON results under this folder.", ""]
+    lines = [
+        f"# {title or folder.name}",
+        "",
+        f"Machine: {machine_line(first)}.",
+        "",
+        f"Data: {data_line(first)}.",
+        "",
+        "Throughput is images / wall time after the warm-up steps, summed over ranks (evaluation excluded); "
+        "medians over trials. Rendered by `bench report` from the JSON results under this folder.",
+        "",
+    ]
     commands = [command] if command else [" ".join(d["command"]) for d in docs.values() if d.get("command")]
     if not commands:
         commands = sorted({" ".join(r.command) for r in results.values()})[:20]
@@ -342,35 +405,52 @@ def render(folder: Path | str, title: str | None = None, command: str | None = N
         sweep = docs["sweep.json"]
         rungs = ladder(sweep, folder, results)
         s = sweep["settings"]
-        lines += ["## The ladder", "",
-                  f"Model `{s['model']}`, {s['trials']} trial(s) per step of {s['steps']} steps "
-                  f"({s['warmup_steps']} warm-up). Each step adds one technique to the ones kept so far "
-                  "(a technique is kept when it raised images/s" + (", here: every one" if s["keep_all"] else "")
-                  + "); backend swaps are measured against the same stack; *marginal* is against the step named "
-                  "in `reference`, *cumulative* against the baseline, *% of ceiling* against the synthetic loader "
-                  "with the same model settings. `torch.compile` is measured on the stack so far but not carried on "
-                  "(every later process would compile again). Evaluation and early stopping change evaluation time "
-                  "and time to accuracy, not images/s.", ""]
+        lines += [
+            "## The ladder",
+            "",
+            f"Model `{s['model']}`, {s['trials']} trial(s) per step of {s['steps']} steps "
+            f"({s['warmup_steps']} warm-up). Each step adds one technique to the ones kept so far "
+            "(a technique is kept when it raised images/s"
+            + (", here: every one" if s["keep_all"] else "")
+            + "); backend swaps are measured against the same stack; *marginal* is against the step named "
+            "in `reference`, *cumulative* against the baseline, *% of ceiling* against the synthetic loader "
+            "with the same model settings. `torch.compile` is measured on the stack so far but not carried on "
+            "(every later process would compile again). Evaluation and early stopping change evaluation time "
+            "and time to accuracy, not images/s.",
+            "",
+        ]
         lines += ladder_table(rungs, sweep) + [""]
         skipped = [r for r in rungs if r.status != "ok"]
         if skipped:
-            lines += ["Not measured: " + "; ".join(f"`{r.key}` ({r.status}: {r.reason})" for r in skipped) + ".", ""]
-        res_lines = ["| step | CPU % of one core (process + workers) | peak RSS MiB (all processes) | GPU util % |",
-                     "|---|---|---|---|"]
+            lines += [
+                "Not measured: " + "; ".join(f"`{r.key}` ({r.status}: {r.reason})" for r in skipped) + ".",
+                "",
+            ]
+        res_lines = [
+            "| step | CPU % of one core (process + workers) | peak RSS MiB (all processes) | GPU util % |",
+            "|---|---|---|---|",
+        ]
         for r in rungs:
             if r.status == "ok":
-                res_lines.append(f"| {r.key} | {_x(r.cpu_pct, '.0f', '')} | {_x(r.peak_rss_mib, ',.0f', '')} | "
-                                 f"{_x(r.gpu_util, '.0f', '')} |")
+                res_lines.append(
+                    f"| {r.key} | {_x(r.cpu_pct, '.0f', '')} | {_x(r.peak_rss_mib, ',.0f', '')} | "
+                    f"{_x(r.gpu_util, '.0f', '')} |"
+                )
         lines += ["Resources sampled during each step (medians of trials):", "", *res_lines, ""]
         plots += plot_ladder(rungs, folder)
     if "tune.json" in docs:
         t = docs["tune.json"]
         best = " ".join(t["best_args"]) or "the backend's defaults"
         default = "n/a" if t.get("default_ips") is None else f"{t['default_ips']:,.1f}"
-        lines += ["## Tuned settings (`bench tune`)", "",
-                  f"Best for `{t['loader']}` ({t['mode']}): `{best}` at {t['best_ips']:,.1f} img/s; "
-                  f"its defaults gave {default} img/s. Every setting tried:", "",
-                  "| options | images/s |", "|---|---|"]
+        lines += [
+            "## Tuned settings (`bench tune`)",
+            "",
+            f"Best for `{t['loader']}` ({t['mode']}): `{best}` at {t['best_ips']:,.1f} img/s; "
+            f"its defaults gave {default} img/s. Every setting tried:",
+            "",
+            "| options | images/s |",
+            "|---|---|",
+        ]
         for tr in t["tried"]:
             opts = ", ".join(f"{k}={v}" for k, v in tr["options"].items()) or "defaults"
             ips = tr.get("images_per_second")
@@ -429,6 +509,15 @@ def compare(a: Path | str, b: Path | str) -> list[dict]:
         for metric, fn, higher_better in METRICS:
             va, vb = x.median(fn), y.median(fn)
             ratio = vb / va if va not in (None, 0) and vb is not None else None
-            rows.append({"group": name, "metric": metric, "a": va, "b": vb, "ratio": ratio,
-                         "higher_is_better": higher_better, "trials": (len(x.runs), len(y.runs))})
+            rows.append(
+                {
+                    "group": name,
+                    "metric": metric,
+                    "a": va,
+                    "b": vb,
+                    "ratio": ratio,
+                    "higher_is_better": higher_better,
+                    "trials": (len(x.runs), len(y.runs)),
+                }
+            )
     return rows

@@ -1,5 +1,6 @@
 """One result object per run: ``Result``, written once as JSON of record and read back typed by
 every renderer (the table here, ``report``, ``compare``)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,10 +50,11 @@ class Metrics:
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as they were
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Metrics":
+    def from_dict(cls, d: dict) -> Metrics:
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in d.items() if k in known},
-                   extra={k: v for k, v in d.items() if k not in known})
+        return cls(
+            **{k: v for k, v in d.items() if k in known}, extra={k: v for k, v in d.items() if k not in known}
+        )
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
@@ -109,23 +111,47 @@ class Result:
             return None
 
     def to_dict(self) -> dict:
-        return {"schema": self.schema, "created": self.created, "status": self.status, "command": self.command,
-                "config": self.config, "environment": self.environment, "data": self.data, "loader": self.loader,
-                "metrics": self.metrics.to_dict(), "samples": self.samples}
+        return {
+            "schema": self.schema,
+            "created": self.created,
+            "status": self.status,
+            "command": self.command,
+            "config": self.config,
+            "environment": self.environment,
+            "data": self.data,
+            "loader": self.loader,
+            "metrics": self.metrics.to_dict(),
+            "samples": self.samples,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Result":
-        return cls(command=d["command"], config=d["config"], environment=d["environment"], data=d["data"],
-                   loader=d["loader"], metrics=Metrics.from_dict(d["metrics"]), samples=d.get("samples", {}),
-                   schema=d["schema"], created=d["created"], status=d["status"])
+    def from_dict(cls, d: dict) -> Result:
+        return cls(
+            command=d["command"],
+            config=d["config"],
+            environment=d["environment"],
+            data=d["data"],
+            loader=d["loader"],
+            metrics=Metrics.from_dict(d["metrics"]),
+            samples=d.get("samples", {}),
+            schema=d["schema"],
+            created=d["created"],
+            status=d["status"],
+        )
 
 
 def _spread(values: list[float]) -> dict:
     if not values:
         return {"median": None, "p10": None, "p90": None, "min": None, "max": None, "n": 0}
     q = statistics.quantiles(values, n=10, method="inclusive") if len(values) > 1 else [values[0]] * 9
-    return {"median": statistics.median(values), "p10": q[0], "p90": q[-1], "min": min(values), "max": max(values),
-            "n": len(values)}
+    return {
+        "median": statistics.median(values),
+        "p10": q[0],
+        "p90": q[-1],
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
 
 
 def metrics_from(train, skipped: int, resources: dict | None = None) -> Metrics:
@@ -153,11 +179,25 @@ def metrics_from(train, skipped: int, resources: dict | None = None) -> Metrics:
     )
 
 
-def new_result(command: list[str], config: dict, environment: dict, data: dict, loader: dict, metrics,
-               samples: dict | None = None) -> Result:
+def new_result(
+    command: list[str],
+    config: dict,
+    environment: dict,
+    data: dict,
+    loader: dict,
+    metrics,
+    samples: dict | None = None,
+) -> Result:
     metrics = metrics if isinstance(metrics, Metrics) else Metrics.from_dict(metrics)
-    return Result(command=command, config=config, environment=environment, data=data, loader=loader,
-                  metrics=metrics, samples=samples or {})
+    return Result(
+        command=command,
+        config=config,
+        environment=environment,
+        data=data,
+        loader=loader,
+        metrics=metrics,
+        samples=samples or {},
+    )
 
 
 def save(result: Result, out_dir: Path | str) -> Path:
@@ -165,8 +205,10 @@ def save(result: Result, out_dir: Path | str) -> Path:
     temporary sibling, then hard-linked into place)."""
     out_dir = Path(out_dir)
     c = result.config
-    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{c['loader']}-{'loaderonly' if result.loader_only else c['model']}-" \
-           f"{c['world_size']}r"
+    stem = (
+        f"{time.strftime('%Y%m%d-%H%M%S')}-{c['loader']}-{'loaderonly' if result.loader_only else c['model']}-"
+        f"{c['world_size']}r"
+    )
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with temp_output(out_dir / f"{stem}.json") as tmp:
@@ -181,7 +223,9 @@ def save(result: Result, out_dir: Path | str) -> Path:
             tmp.unlink()
         return path
     except (OSError, LoaderError) as exc:
-        raise ResultError(f"cannot write the result under {out_dir}: {getattr(exc, 'strerror', None) or exc}") from None
+        raise ResultError(
+            f"cannot write the result under {out_dir}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
 
 
 def load(path: Path | str) -> Result:
@@ -191,7 +235,9 @@ def load(path: Path | str) -> Result:
         raise ResultError(f"cannot read result {path}: {exc}") from None
     missing = [k for k in REQUIRED if k not in d] if isinstance(d, dict) else list(REQUIRED)
     if missing or d.get("schema") != SCHEMA:
-        raise ResultError(f"{path} is not a {SCHEMA} result (missing: {', '.join(missing) or 'schema match'})")
+        raise ResultError(
+            f"{path} is not a {SCHEMA} result (missing: {', '.join(missing) or 'schema match'})"
+        )
     try:
         return Result.from_dict(d)
     except (TypeError, KeyError) as exc:
@@ -204,8 +250,11 @@ def table(result: Result, path: Path | None = None):
     from rich.table import Table
 
     c, m = result.config, result.metrics
-    t = Table(title=f"bench run: {c['loader']} / {'loader only' if result.loader_only else c['model']}",
-              show_header=False, title_justify="left")
+    t = Table(
+        title=f"bench run: {c['loader']} / {'loader only' if result.loader_only else c['model']}",
+        show_header=False,
+        title_justify="left",
+    )
     t.add_column(style="bold")
     t.add_column(overflow="fold")
     fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
@@ -214,8 +263,10 @@ def table(result: Result, path: Path | None = None):
         ("ranks x device", f"{c['world_size']} x {c['device']}"),
         ("amp / channels_last / compile", f"{c['amp']} / {c['channels_last']} / {c['compile']}"),
         ("images/s (after warm-up)", fmt(m.images_per_second, ",.1f")),
-        ("step time median [p10, p90]",
-         f"{fmt(st.get('median'), '.4f')} s [{fmt(st.get('p10'), '.4f')}, {fmt(st.get('p90'), '.4f')}]"),
+        (
+            "step time median [p10, p90]",
+            f"{fmt(st.get('median'), '.4f')} s [{fmt(st.get('p10'), '.4f')}, {fmt(st.get('p90'), '.4f')}]",
+        ),
         ("data-wait share", fmt(m.data_wait_share, ".1%")),
         ("final train loss", fmt(m.final_train_loss, ".4f")),
         ("val loss / accuracy", f"{fmt(m.final_val_loss, '.4f')} / {fmt(m.final_val_accuracy, '.3f')}"),

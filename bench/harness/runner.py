@@ -1,4 +1,5 @@
 """`bench run`: one run of a RunSpec, in this process or as N ranks through torchrun."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from loaders import backends, build_loader
+from loaders import backends, build_loader, get_backend
 from loaders.contract import scan_imagefolder
 
 from ..data.convert import folder_storage
@@ -41,21 +42,25 @@ def check(cfg: RunSpec) -> None:
     if cfg.epochs is not None and cfg.epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {cfg.epochs}")
     if cfg.steps is not None and cfg.steps <= cfg.warmup_steps:
-        raise UsageError(f"--steps {cfg.steps} leaves nothing to measure after {cfg.warmup_steps} warm-up steps")
+        raise UsageError(
+            f"--steps {cfg.steps} leaves nothing to measure after {cfg.warmup_steps} warm-up steps"
+        )
     if cfg.cpu_ranks < 0 or (cfg.cpu_ranks and cfg.gpus > 1):
         raise UsageError("use either --gpus N (CUDA ranks) or --cpu-ranks N (CPU ranks with gloo)")
     if cfg.cpu_ranks and cfg.device == "cuda":
         raise UsageError("--cpu-ranks runs on the CPU; drop --device cuda")
     wants_cuda = cfg.device == "cuda" or cfg.gpus > 1
     if wants_cuda and not torch.cuda.is_available():
-        raise UsageError("CUDA is not available on this machine; use --cpu-ranks N to run N CPU ranks with gloo")
+        raise UsageError(
+            "CUDA is not available on this machine; use --cpu-ranks N to run N CPU ranks with gloo"
+        )
     if cfg.gpus > 1 and torch.cuda.device_count() < cfg.gpus:
         raise UsageError(f"--gpus {cfg.gpus} but this machine has {torch.cuda.device_count()} GPU(s)")
     if cfg.amp not in ("off", "bf16", "fp16"):
         raise UsageError(f"--amp must be off, bf16 or fp16, got {cfg.amp!r}")
     if cfg.amp == "fp16" and device_for(cfg).type == "cpu":
         raise UsageError("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
-    cfg.backend  # not installed: a clear line
+    get_backend(cfg.loader)  # not installed: a clear line
     out = Path(cfg.out)
     try:  # found out now, not after an hour of training
         out.mkdir(parents=True, exist_ok=True)
@@ -73,7 +78,9 @@ def device_for(cfg: RunSpec) -> torch.device:
 
 def resolve_data(cfg: RunSpec, progress: bool = True) -> tuple[Path, Path | None]:
     """(train folder, val folder or None), checked as torchvision would index them."""
-    root = Path(cfg.data) if cfg.data else default_dataset(SynthSpec(), progress=progress)  # one default set, whatever --seed
+    root = (
+        Path(cfg.data) if cfg.data else default_dataset(SynthSpec(), progress=progress)
+    )  # one default set, whatever --seed
     if not root.is_dir():
         raise UsageError(f"--data {root}: folder not found")
     backend = cfg.backend
@@ -84,10 +91,14 @@ def resolve_data(cfg: RunSpec, progress: bool = True) -> tuple[Path, Path | None
     readers = [b.name for b in backends() if b.holds(root)]
     if readers:
         fmt = next(b.stored_format for b in backends() if b.holds(root) and b.stored_format)
-        raise UsageError(f"--data {root} holds {fmt}, which {' or '.join(f'--loader {n}' for n in readers)} "
-                         f"reads (with the right options), not --loader {backend.name} as asked")
+        raise UsageError(
+            f"--data {root} holds {fmt}, which {' or '.join(f'--loader {n}' for n in readers)} "
+            f"reads (with the right options), not --loader {backend.name} as asked"
+        )
     if not train_dir.is_dir():
-        raise UsageError(f"--data {root}: expected an ImageFolder root with train/ and val/ (ImageNet layout)")
+        raise UsageError(
+            f"--data {root}: expected an ImageFolder root with train/ and val/ (ImageNet layout)"
+        )
     n = len(scan_imagefolder(train_dir))
     if n < cfg.nprocs:
         raise UsageError(f"--data {root}: {n} training samples cannot be split over {cfg.nprocs} ranks")
@@ -101,8 +112,16 @@ def relaunch(cfg: RunSpec, argv: list[str], data_root: Path) -> int:
     """Re-run this spec as N ranks through torchrun (torch.distributed.run); the data is resolved
     (generated once) here, not by N racing ranks."""
     child = ["run", *dataclasses.replace(cfg, data=str(data_root)).to_argv()]
-    cmd = [sys.executable, "-m", "bench.harness.torchrun", "--standalone", f"--nproc-per-node={cfg.nprocs}",
-           "-m", "bench.cli", *child]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.harness.torchrun",
+        "--standalone",
+        f"--nproc-per-node={cfg.nprocs}",
+        "-m",
+        "bench.cli",
+        *child,
+    ]
     env = dict(os.environ, LOADERBENCH_LAUNCHED="1", **{COMMAND_ENV: json.dumps(argv)})
     if cfg.cpu_ranks:  # share the cores between ranks instead of oversubscribing them
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.cpu_ranks)))
@@ -144,14 +163,18 @@ def run(cfg: RunSpec, argv: list[str], log=print) -> Path | None:
         except RuntimeError as exc:  # DistStoreError and kin
             if not lost_a_rank(exc):
                 raise
-            raise TrainError(f"the {world_size} ranks did not all join within --dist-timeout "
-                             f"({cfg.dist_timeout_s} s): {str(exc).strip().splitlines()[0][:300]}") from exc
+            raise TrainError(
+                f"the {world_size} ranks did not all join within --dist-timeout "
+                f"({cfg.dist_timeout_s} s): {str(exc).strip().splitlines()[0][:300]}"
+            ) from exc
     try:
         return _run(cfg, argv, device, rank, world_size, log if rank == 0 else (lambda *a, **k: None))
     except RuntimeError as exc:
         if world_size > 1 and lost_a_rank(exc):
-            raise TrainError(f"lost contact with another rank ({str(exc).strip().splitlines()[0][:300]}): a rank "
-                             f"died or stalled; such waits end after --dist-timeout ({cfg.dist_timeout_s} s)") from exc
+            raise TrainError(
+                f"lost contact with another rank ({str(exc).strip().splitlines()[0][:300]}): a rank "
+                f"died or stalled; such waits end after --dist-timeout ({cfg.dist_timeout_s} s)"
+            ) from exc
         raise
     finally:
         if dist.is_initialized():
@@ -160,9 +183,13 @@ def run(cfg: RunSpec, argv: list[str], log=print) -> Path | None:
 
 def lost_a_rank(exc: BaseException) -> bool:
     """A collective that failed because a peer is gone or silent (gloo says so in its message)."""
-    text = str(exc).lower()  # gloo's wordings vary: "Timed out waiting", "Application timeout caused pair closure"...
+    text = str(
+        exc
+    ).lower()  # gloo's wordings vary: "Timed out waiting", "Application timeout caused pair closure"...
     return isinstance(exc, getattr(dist, "DistError", ())) or any(
-        key in text for key in ("gloo", "nccl", "connection", "timed out", "timeout", "pair closure", "by peer"))
+        key in text
+        for key in ("gloo", "nccl", "connection", "timed out", "timeout", "pair closure", "by peer")
+    )
 
 
 def _run(cfg, argv, device, rank, world_size, log) -> Path | None:
@@ -173,41 +200,68 @@ def _run(cfg, argv, device, rank, world_size, log) -> Path | None:
         dist.barrier()  # external torchrun without --data: rank 0 generated it
         train_dir, val_dir = resolve_data(cfg, progress=False)
     # fp32 inputs: autocast casts inside the model
-    common = dict(batch_size=cfg.batch_size, image_size=cfg.image_size, device=device, dtype=torch.float32,
-                  channels_last=cfg.channels_last, seed=cfg.seed, rank=rank, world_size=world_size,
-                  on_bad_sample=cfg.on_bad_sample, options=cfg.options)
+    common = dict(
+        batch_size=cfg.batch_size,
+        image_size=cfg.image_size,
+        device=device,
+        dtype=torch.float32,
+        channels_last=cfg.channels_last,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world_size,
+        on_bad_sample=cfg.on_bad_sample,
+        options=cfg.options,
+    )
     # Training drops the last partial batch, as torchvision's and timm's reference scripts do: a
     # ragged final batch (down to 1 sample) breaks BatchNorm and skews step times. The loader
     # contract itself keeps every sample (drop_last=False); the result records the choice.
     train_loader = build_loader(cfg.loader, train_dir, train=True, drop_last=True, **common)
     if len(train_loader) == 0:
         train_loader.close()
-        raise UsageError(f"--batch-size {cfg.batch_size} is larger than this rank's {train_loader.num_samples} "
-                         f"training samples; lower it")
+        raise UsageError(
+            f"--batch-size {cfg.batch_size} is larger than this rank's {train_loader.num_samples} "
+            f"training samples; lower it"
+        )
     wants_val = val_dir and cfg.eval and not cfg.loader_only
     val_loader = build_loader(cfg.loader, val_dir, train=False, **common) if wants_val else None
     monitor = None
     try:
         epochs = cfg.epochs or (math.ceil(cfg.steps / len(train_loader)) if cfg.steps else 1)
-        tcfg = TrainConfig(epochs=epochs, max_steps=cfg.steps, lr=cfg.lr, amp=cfg.amp,
-                           channels_last=cfg.channels_last, compile=cfg.compile, warmup_steps=cfg.warmup_steps,
-                           patience=cfg.patience, eval_inference_mode=cfg.eval_inference_mode)
+        tcfg = TrainConfig(
+            epochs=epochs,
+            max_steps=cfg.steps,
+            lr=cfg.lr,
+            amp=cfg.amp,
+            channels_last=cfg.channels_last,
+            compile=cfg.compile,
+            warmup_steps=cfg.warmup_steps,
+            patience=cfg.patience,
+            eval_inference_mode=cfg.eval_inference_mode,
+        )
         if epochs * len(train_loader) <= cfg.warmup_steps:
-            raise UsageError(f"{epochs} epoch(s) x {len(train_loader)} steps leaves nothing to measure after "
-                             f"{cfg.warmup_steps} warm-up steps; raise --epochs or lower --batch-size")
+            raise UsageError(
+                f"{epochs} epoch(s) x {len(train_loader)} steps leaves nothing to measure after "
+                f"{cfg.warmup_steps} warm-up steps; raise --epochs or lower --batch-size"
+            )
         monitor = ResourceMonitor(gpu_index=device.index if device.type == "cuda" else None).start()
         if cfg.loader_only:
-            log(f"loader only: {cfg.loader} on {train_dir}: {len(train_loader)} batches/epoch x {epochs} epoch(s), "
-                f"{world_size} rank(s) on {device}")
+            log(
+                f"loader only: {cfg.loader} on {train_dir}: {len(train_loader)} batches/epoch x {epochs} epoch(s), "
+                f"{world_size} rank(s) on {device}"
+            )
             outcome = measure(train_loader, tcfg, device, log=log)
         else:
             model = build_model(cfg.model, len(train_loader.classes))
-            log(f"training {cfg.model} on {train_dir} with loader {cfg.loader}: {len(train_loader)} steps/epoch "
-                f"x {epochs} epoch(s), {world_size} rank(s) on {device}")
+            log(
+                f"training {cfg.model} on {train_dir} with loader {cfg.loader}: {len(train_loader)} steps/epoch "
+                f"x {epochs} epoch(s), {world_size} rank(s) on {device}"
+            )
             outcome = train(model, train_loader, val_loader, tcfg, device, log=log)
         resources = monitor.stop()  # this rank's process and its workers
         if device.type == "cuda":
-            resources["torch_cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+            resources["torch_cuda_max_allocated_mib"] = round(
+                torch.cuda.max_memory_allocated(device) / 2**20, 1
+            )
     finally:
         if monitor is not None:
             monitor.stop()  # idempotent; ends the sampling thread when training failed
@@ -219,21 +273,36 @@ def _run(cfg, argv, device, rank, world_size, log) -> Path | None:
     if rank != 0:
         return None
     config = cfg.record()
-    config.update(world_size=world_size, device=str(device), epochs=epochs, data=str(train_dir.parent),
-                  train_drop_last=True)
+    config.update(
+        world_size=world_size,
+        device=str(device),
+        epochs=epochs,
+        data=str(train_dir.parent),
+        train_drop_last=True,
+    )
     loader_info = train_loader.describe()
     loader_info["skipped_files"] = (train_loader.skipped + (val_loader.skipped if val_loader else []))[:50]
-    data = {"train": str(train_dir), "val": str(val_dir) if val_dir else None,
-            "train_samples": train_loader.num_samples * world_size - train_loader.padding,
-            "classes": len(train_loader.classes),
-            "storage": cfg.backend.storage_stats(train_dir) or folder_storage(train_dir)}
+    data = {
+        "train": str(train_dir),
+        "val": str(val_dir) if val_dir else None,
+        "train_samples": train_loader.num_samples * world_size - train_loader.padding,
+        "classes": len(train_loader.classes),
+        "storage": cfg.backend.storage_stats(train_dir) or folder_storage(train_dir),
+    }
     if "storage" in loader_info:  # re-stored by the backend (ffcv's .beton): what it really read
         data["storage"]["backend_storage"] = loader_info["storage"]
     res = results.new_result(
-        command=["bench", *command_of(argv)], config=config, environment=envinfo.collect(), data=data, loader=loader_info,
+        command=["bench", *command_of(argv)],
+        config=config,
+        environment=envinfo.collect(),
+        data=data,
+        loader=loader_info,
         metrics=results.metrics_from(outcome, skipped, resources),
-        samples={"step_time_s": outcome.step_time, "data_wait_s": outcome.data_wait,
-                 "compute_time_s": outcome.compute},
+        samples={
+            "step_time_s": outcome.step_time,
+            "data_wait_s": outcome.data_wait,
+            "compute_time_s": outcome.compute,
+        },
     )
     path = results.save(res, cfg.out)
     from rich.console import Console

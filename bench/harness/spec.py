@@ -4,11 +4,12 @@ Built once from the command line (``add_flags`` is the one flag group of run, sw
 tune), carried to a child process with ``to_argv`` / ``from_argv`` (exact inverses), varied with
 ``dataclasses.replace`` and recorded in the result as it is. Strings exist only at the edges.
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from loaders import LoaderError, get_backend
@@ -50,7 +51,9 @@ class RunSpec:
         if self.options is None:
             object.__setattr__(self, "options", backend.Options())
         elif not isinstance(self.options, backend.Options):
-            raise TypeError(f"options for {self.loader!r} must be its Options, got {type(self.options).__name__}")
+            raise TypeError(
+                f"options for {self.loader!r} must be its Options, got {type(self.options).__name__}"
+            )
 
     @property
     def backend(self) -> Backend:
@@ -60,12 +63,14 @@ class RunSpec:
     def nprocs(self) -> int:
         return self.cpu_ranks or self.gpus
 
-    def with_loader(self, loader: str, **techniques) -> "RunSpec":
+    def with_loader(self, loader: str, **techniques) -> RunSpec:
         """This spec on another backend, its options at their defaults plus the techniques given."""
         backend = get_backend(loader, installed=False)
-        return dataclasses.replace(self, loader=loader, options=backend.with_techniques(backend.Options(), **techniques))
+        return dataclasses.replace(
+            self, loader=loader, options=backend.with_techniques(backend.Options(), **techniques)
+        )
 
-    def with_options(self, **values) -> "RunSpec":
+    def with_options(self, **values) -> RunSpec:
         return dataclasses.replace(self, options=dataclasses.replace(self.options, **values))
 
     def to_argv(self) -> list[str]:
@@ -85,15 +90,17 @@ class RunSpec:
         return argv
 
     @classmethod
-    def from_argv(cls, argv: list[str]) -> "RunSpec":
+    def from_argv(cls, argv: list[str]) -> RunSpec:
         p = argparse.ArgumentParser(prog="bench run", exit_on_error=False)
         add_flags(p)
         return cls.from_args(p.parse_args(argv))
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, **overrides) -> "RunSpec":
+    def from_args(cls, args: argparse.Namespace, **overrides) -> RunSpec:
         """From parsed ``add_flags`` arguments (fields a command has no flag for keep their defaults)."""
-        fields = getattr(args, "spec_fields", FLAGS)  # a command's own flags of the same name are not the spec's
+        fields = getattr(
+            args, "spec_fields", FLAGS
+        )  # a command's own flags of the same name are not the spec's
         values = {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
         values.update(overrides)
         loader = values.get("loader", "torch")
@@ -104,8 +111,10 @@ class RunSpec:
             if value is None:
                 continue
             if technique not in backend.knobs:
-                raise UsageError(f"{flag[0]}: loader {loader!r} has no such knob; its options: "
-                                 f"{', '.join(f.name for f in dataclasses.fields(backend.Options))}")
+                raise UsageError(
+                    f"{flag[0]}: loader {loader!r} has no such knob; its options: "
+                    f"{', '.join(f.name for f in dataclasses.fields(backend.Options))}"
+                )
             options[backend.knobs[technique]] = value
         types = backend.option_types()
         for item in getattr(args, "loader_opt", None) or []:
@@ -151,7 +160,10 @@ def parse_value(key: str, raw: str, hint: str):
 # RunSpec field -> (flag, argparse keywords). One table for every command that takes a spec.
 FLAGS: dict[str, tuple[str, dict]] = {
     "loader": ("--loader", dict(help="backend name (see `bench backends`); default torch")),
-    "data": ("--data", dict(help="ImageFolder root with train/ and val/; default: the generated dataset (cached)")),
+    "data": (
+        "--data",
+        dict(help="ImageFolder root with train/ and val/; default: the generated dataset (cached)"),
+    ),
     "model": ("--model", dict(help="small | resnet18 | resnet50 (default small)")),
     "batch_size": ("--batch-size", dict(type=int, help="per rank (default 64)")),
     "image_size": ("--image-size", dict(type=int, help="default 224")),
@@ -167,14 +179,23 @@ FLAGS: dict[str, tuple[str, dict]] = {
     "device": ("--device", dict(choices=("auto", "cpu", "cuda"))),
     "gpus": ("--gpus", dict(type=int, help="N > 1: N ranks through torchrun, one per GPU")),
     "cpu_ranks": ("--cpu-ranks", dict(type=int, help="N CPU ranks with gloo (DDP without a GPU)")),
-    "on_bad_sample": ("--on-bad-sample", dict(choices=("stop", "skip"),
-                                              help="stop (default): fail naming the file; skip: skip and count it")),
+    "on_bad_sample": (
+        "--on-bad-sample",
+        dict(choices=("stop", "skip"), help="stop (default): fail naming the file; skip: skip and count it"),
+    ),
     "eval": ("--no-eval", dict(action="store_false", help="skip validation")),
-    "eval_inference_mode": ("--eval-with-autograd", dict(
-        action="store_false", help="evaluate without torch.inference_mode (the naive baseline)")),
-    "loader_only": ("--loader-only", dict(action="store_true",
-                                          help="fetch batches with no model: the loader's own images/s")),
-    "dist_timeout_s": ("--dist-timeout", dict(type=int, help="seconds a rank waits for the others (default 300)")),
+    "eval_inference_mode": (
+        "--eval-with-autograd",
+        dict(action="store_false", help="evaluate without torch.inference_mode (the naive baseline)"),
+    ),
+    "loader_only": (
+        "--loader-only",
+        dict(action="store_true", help="fetch batches with no model: the loader's own images/s"),
+    ),
+    "dist_timeout_s": (
+        "--dist-timeout",
+        dict(type=int, help="seconds a rank waits for the others (default 300)"),
+    ),
     "out": ("--out", dict(help="folder for the JSON result (default reports/runs)")),
     "label": ("--label", dict(help="a name recorded in the result (reports group runs by it)")),
 }
@@ -182,15 +203,25 @@ FLAGS: dict[str, tuple[str, dict]] = {
 # Shortcuts for the techniques' knobs, mapped through the backend's own option names.
 KNOB_FLAGS: dict[str, tuple[str, dict]] = {
     "workers": ("--workers", dict(type=int, help="worker processes or threads (the backend's parallelism)")),
-    "pin_memory": ("--pin-memory", dict(action="store_const", const=True, help="pinned memory + non_blocking copies")),
+    "pin_memory": (
+        "--pin-memory",
+        dict(action="store_const", const=True, help="pinned memory + non_blocking copies"),
+    ),
     "persistent": ("--persistent-workers", dict(action="store_const", const=True)),
-    "prefetch": ("--prefetch-factor", dict(type=int, help="batches prefetched (the backend's prefetch option)")),
-    "device_normalize": ("--device-normalize", dict(action="store_const", const=True,
-                                                    help="uint8 batches, normalised on the device")),
+    "prefetch": (
+        "--prefetch-factor",
+        dict(type=int, help="batches prefetched (the backend's prefetch option)"),
+    ),
+    "device_normalize": (
+        "--device-normalize",
+        dict(action="store_const", const=True, help="uint8 batches, normalised on the device"),
+    ),
 }
 
 
-def add_flags(p: argparse.ArgumentParser, fields=None, knobs: bool = True, options: bool = True, **defaults) -> None:
+def add_flags(
+    p: argparse.ArgumentParser, fields=None, knobs: bool = True, options: bool = True, **defaults
+) -> None:
     """The run-spec flags (all, or ``fields``), the loader's knob shortcuts and ``-o``. Unset flags stay
     None, so the RunSpec's own defaults apply unless ``defaults`` names others for a command."""
     p.set_defaults(spec_fields=tuple(FLAGS if fields is None else fields))

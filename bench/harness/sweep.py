@@ -12,6 +12,7 @@ Every step is a RunSpec derived with ``dataclasses.replace`` from the last one k
 stored here: `sweep.json` records the plan and which result files belong to which step, and
 `bench report` computes every figure from the results themselves.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,16 @@ from .launch import Trial, run_trial
 from .spec import RunSpec
 
 SCHEMA = "loaderbench.sweep/1"
-BEFORE_SWAPS = ("workers", "pin_memory", "persistent", "device_normalize", "amp", "channels_last", "compile",
-                "inference_eval")
+BEFORE_SWAPS = (
+    "workers",
+    "pin_memory",
+    "persistent",
+    "device_normalize",
+    "amp",
+    "channels_last",
+    "compile",
+    "inference_eval",
+)
 AFTER_SWAPS = ("ddp", "early_stop")
 
 
@@ -63,15 +72,22 @@ class Stack:
     ranks: int = 1
 
     def run_spec(self, cuda: bool) -> RunSpec:
-        workers = max(1, self.workers // self.ranks) if self.workers else 0  # the cores are shared by the ranks
-        spec = self.spec.with_loader(self.spec.loader, workers=workers, pin_memory=self.pin_memory,
-                                     persistent=self.persistent, prefetch=self.prefetch,
-                                     device_normalize=self.device_normalize)
+        workers = (
+            max(1, self.workers // self.ranks) if self.workers else 0
+        )  # the cores are shared by the ranks
+        spec = self.spec.with_loader(
+            self.spec.loader,
+            workers=workers,
+            pin_memory=self.pin_memory,
+            persistent=self.persistent,
+            prefetch=self.prefetch,
+            device_normalize=self.device_normalize,
+        )
         if self.ranks > 1:
             spec = dataclasses.replace(spec, **({"gpus": self.ranks} if cuda else {"cpu_ranks": self.ranks}))
         return spec
 
-    def replace(self, **change) -> "Stack":
+    def replace(self, **change) -> Stack:
         spec_change = {k: change.pop(k) for k in list(change) if k in RunSpec.__dataclass_fields__}
         return dataclasses.replace(self, spec=dataclasses.replace(self.spec, **spec_change), **change)
 
@@ -95,8 +111,17 @@ class Settings:
         """As sweep.json records them: the ladder's settings and the base spec's model and budget."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "spec"}
         s = self.spec
-        return {**d, "model": s.model, "data": s.data, "batch_size": s.batch_size, "image_size": s.image_size,
-                "steps": s.steps, "warmup_steps": s.warmup_steps, "seed": s.seed, "spec": s.to_argv()}
+        return {
+            **d,
+            "model": s.model,
+            "data": s.data,
+            "batch_size": s.batch_size,
+            "image_size": s.image_size,
+            "steps": s.steps,
+            "warmup_steps": s.warmup_steps,
+            "seed": s.seed,
+            "spec": s.to_argv(),
+        }
 
 
 @dataclass
@@ -130,7 +155,9 @@ def resolve(s: Settings) -> Settings:
     if s.trials < 1 or s.ceiling_trials < 0:
         raise SweepError("--trials must be >= 1 and --ceiling-trials >= 0")
     if s.spec.steps is None or s.spec.steps <= s.spec.warmup_steps:
-        raise SweepError(f"--steps {s.spec.steps} leaves nothing to measure after {s.spec.warmup_steps} warm-up steps")
+        raise SweepError(
+            f"--steps {s.spec.steps} leaves nothing to measure after {s.spec.warmup_steps} warm-up steps"
+        )
     if s.workers < 0:
         raise SweepError(f"--workers must be >= 0, got {s.workers}")
     s.workers = s.workers or default_workers()
@@ -163,14 +190,17 @@ class Sweep:
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _record(self) -> None:
-        write_json(self.out / "sweep.json", {
-            "schema": SCHEMA,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "command": self.command,
-            "settings": self.s.record(),
-            "steps": [dataclasses.asdict(st) for st in self.steps],
-            "ceilings": self.ceilings,
-        })
+        write_json(
+            self.out / "sweep.json",
+            {
+                "schema": SCHEMA,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "command": self.command,
+                "settings": self.s.record(),
+                "steps": [dataclasses.asdict(st) for st in self.steps],
+                "ceilings": self.ceilings,
+            },
+        )
 
     def _trials(self, step: Step, stack: Stack, n: int):
         spec = dataclasses.replace(stack.run_spec(self.s.cuda), label=step.key)
@@ -199,12 +229,18 @@ class Sweep:
         if not self.s.ceiling_trials:
             return None
         spec = stack.spec
-        key = f"ceiling-{spec.amp}-{'cl' if spec.channels_last else 'nchw'}-" \
-              f"{'compiled' if spec.compile else 'eager'}-{stack.ranks}r"
+        key = (
+            f"ceiling-{spec.amp}-{'cl' if spec.channels_last else 'nchw'}-"
+            f"{'compiled' if spec.compile else 'eager'}-{stack.ranks}r"
+        )
         if key not in self.ceilings:
             loader = next(b.name for b in backends() if b.is_ceiling)
-            ceiling = Stack(dataclasses.replace(spec.with_loader(loader), eval=False, epochs=None,
-                                                steps=self.s.spec.steps), ranks=stack.ranks)
+            ceiling = Stack(
+                dataclasses.replace(
+                    spec.with_loader(loader), eval=False, epochs=None, steps=self.s.spec.steps
+                ),
+                ranks=stack.ranks,
+            )
             step = Step(key, f"{loader} ceiling", "ceiling")
             self.log(f"{key}: the {loader} ceiling for these model settings")
             self._trials(step, ceiling, self.s.ceiling_trials)
@@ -219,12 +255,20 @@ class Sweep:
     def run(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
         if (self.out / "sweep.json").exists():
-            raise SweepError(f"{self.out} already holds a sweep; choose a new --out (results are never overwritten)")
+            raise SweepError(
+                f"{self.out} already holds a sweep; choose a new --out (results are never overwritten)"
+            )
         s = self.s
         # the naive baseline evaluates with autograd on
         stack = Stack(dataclasses.replace(s.spec, eval_inference_mode=False))
-        best = self._step(Step("baseline", f"naive baseline: {s.spec.loader} loader, 0 workers, fp32, NCHW, "
-                               "eval with autograd", "baseline"), stack)
+        best = self._step(
+            Step(
+                "baseline",
+                f"naive baseline: {s.spec.loader} loader, 0 workers, fp32, NCHW, eval with autograd",
+                "baseline",
+            ),
+            stack,
+        )
         if best is None:
             self._record()
             raise SweepError(f"the baseline failed: {self.steps[-1].reason}")
@@ -254,16 +298,26 @@ class Sweep:
             self._record()
 
         technique("workers", f"DataLoader workers ({s.workers})", {"workers": s.workers})
-        technique("pin_memory", "pinned host memory + non_blocking copies", {"pin_memory": True},
-                  needs=None if s.cuda else "pinned memory speeds host-to-GPU copies; no CUDA here")
-        technique("persistent", "persistent workers + prefetch_factor 4", {"persistent": True, "prefetch": 4},
-                  needs=None if stack.workers else "needs workers (the workers step was not kept)")
+        technique(
+            "pin_memory",
+            "pinned host memory + non_blocking copies",
+            {"pin_memory": True},
+            needs=None if s.cuda else "pinned memory speeds host-to-GPU copies; no CUDA here",
+        )
+        technique(
+            "persistent",
+            "persistent workers + prefetch_factor 4",
+            {"persistent": True, "prefetch": 4},
+            needs=None if stack.workers else "needs workers (the workers step was not kept)",
+        )
         technique("device_normalize", "uint8 batches, normalised on the device", {"device_normalize": True})
         technique("amp", f"mixed precision ({s.amp})", {"amp": s.amp})
         technique("channels_last", "channels_last memory format", {"channels_last": True})
         # Measured on the stack so far but not carried on: every later step's processes would pay the
         # compilation again (minutes for a ResNet), which the ladder's budget cannot afford.
-        technique("compile", "torch.compile (compilation inside the warm-up steps)", {"compile": True}, carry=False)
+        technique(
+            "compile", "torch.compile (compilation inside the warm-up steps)", {"compile": True}, carry=False
+        )
         if "inference_eval" in s.techniques:
             self._eval_step(stack, ref_key)
             stack = stack.replace(eval_inference_mode=True)
@@ -273,8 +327,12 @@ class Sweep:
         ddp_needs = None
         if s.ranks < 2:
             ddp_needs = "one GPU on this machine" if s.cuda else "one core on this machine"
-        technique("ddp", f"DDP over {s.ranks} {'GPUs' if s.cuda else 'CPU ranks (gloo)'}", {"ranks": s.ranks},
-                  needs=ddp_needs)
+        technique(
+            "ddp",
+            f"DDP over {s.ranks} {'GPUs' if s.cuda else 'CPU ranks (gloo)'}",
+            {"ranks": s.ranks},
+            needs=ddp_needs,
+        )
         if "early_stop" in s.techniques:
             self._early_stop(stack, ref_key)
         self._record()
@@ -323,8 +381,12 @@ class Sweep:
 
     def _early_stop(self, stack: Stack, ref_key: str) -> None:
         s = self.s
-        step = Step("early_stop", f"early stopping at val accuracy {s.target_accuracy:g} "
-                    f"(of {s.early_stop_epochs} epochs)", "early_stop", reference=ref_key)
+        step = Step(
+            "early_stop",
+            f"early stopping at val accuracy {s.target_accuracy:g} (of {s.early_stop_epochs} epochs)",
+            "early_stop",
+            reference=ref_key,
+        )
         # One run of every epoch, evaluated each epoch: stopping at the first epoch that reaches the
         # target would have produced exactly that run's first epochs, so time to target is read
         # from it and compared with the whole run, not extrapolated.

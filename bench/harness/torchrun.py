@@ -4,6 +4,7 @@ When a rank dies (a signal, the OOM killer, an error), torchrun stops the other 
 a second and raises ChildFailedError, whose traceback buries which rank failed and how. ``bench
 run --gpus N`` / ``--cpu-ranks N`` launch ``python -m bench.torchrun <torchrun arguments>``.
 """
+
 from __future__ import annotations
 
 import signal

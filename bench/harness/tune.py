@@ -5,6 +5,7 @@ first the backend's parallelism knob (workers or threads) over 1, 2, 4, ... up t
 its prefetch depth at the best of those. Prints the winner as the options to pass. The knobs and
 the values worth trying are the backend's own (``Backend.knobs``, ``prefetch_values``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,15 @@ def candidates(cores: int, with_zero: bool) -> list[int]:
     return ([0] if with_zero else []) + sorted(set(xs))
 
 
-def tune(spec: RunSpec, out: Path, command: list[str], trials: int = 1, end_to_end: bool = False,
-         max_workers: int | None = None, log=print) -> dict:
+def tune(
+    spec: RunSpec,
+    out: Path,
+    command: list[str],
+    trials: int = 1,
+    end_to_end: bool = False,
+    max_workers: int | None = None,
+    log=print,
+) -> dict:
     backend = spec.backend
     par, pre = backend.knobs.get("workers"), backend.knobs.get("prefetch")
     if par is None:
@@ -58,7 +66,9 @@ def tune(spec: RunSpec, out: Path, command: list[str], trials: int = 1, end_to_e
             rates.append(t.result.ips)
         ips = statistics.median(rates)
         tried.append({"options": opts, "images_per_second": ips, "trials": rates})
-        log(f"tune: {', '.join(f'{k}={v}' for k, v in opts.items()) or 'defaults'}: {ips:,.1f} img/s ({mode})")
+        log(
+            f"tune: {', '.join(f'{k}={v}' for k, v in opts.items()) or 'defaults'}: {ips:,.1f} img/s ({mode})"
+        )
         return ips
 
     default_ips = measure({}, "tune-defaults")
@@ -78,11 +88,21 @@ def tune(spec: RunSpec, out: Path, command: list[str], trials: int = 1, end_to_e
                 if ips is not None and ips > best_ips:
                     best_opts, best_ips = {par: n, pre: v}, ips
     if not tried or all("error" in t for t in tried):
-        raise TuneError(f"every {spec.loader} run failed; last error: {tried[-1]['error'] if tried else 'none ran'}")
-    doc = {"schema": "loaderbench.tune/1", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
-           "loader": spec.loader, "mode": mode, "tried": tried, "default_ips": default_ips, "best_options": best_opts,
-           "best_args": [a for k, v in best_opts.items() for a in ("-o", f"{k}={format_value(v)}")],
-           "best_ips": best_ips}
+        raise TuneError(
+            f"every {spec.loader} run failed; last error: {tried[-1]['error'] if tried else 'none ran'}"
+        )
+    doc = {
+        "schema": "loaderbench.tune/1",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": command,
+        "loader": spec.loader,
+        "mode": mode,
+        "tried": tried,
+        "default_ips": default_ips,
+        "best_options": best_opts,
+        "best_args": [a for k, v in best_opts.items() for a in ("-o", f"{k}={format_value(v)}")],
+        "best_ips": best_ips,
+    }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "tune.json", doc)
     return doc

@@ -5,6 +5,7 @@ backend made them. Throughput is images / training wall time after warm-up (eval
 measured apart), summed over ranks; per step it records the time blocked on ``next(loader)``
 and the compute time (CUDA events on GPU, the host clock on CPU).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -154,8 +155,15 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=AMP_DTYPES[cfg.amp])
 
 
-def measure(loader, cfg: TrainConfig, device: torch.device, step=None, end_epoch=None, log=print,
-            what: str = "batches fetched") -> TrainResult:
+def measure(
+    loader,
+    cfg: TrainConfig,
+    device: torch.device,
+    step=None,
+    end_epoch=None,
+    log=print,
+    what: str = "batches fetched",
+) -> TrainResult:
     """The one measured loop. Epochs of ``loader``; per batch ``step(images, labels)`` (None: loader
     only, no model) and after each epoch ``end_epoch(record)``, which may fill in evaluation and
     return True to stop. Throughput: images after ``warmup_steps`` batches / the wall time of the
@@ -184,8 +192,10 @@ def measure(loader, cfg: TrainConfig, device: torch.device, step=None, end_epoch
                 break
             t1 = time.perf_counter()
             if has_batchnorm and labels.shape[0] < 2:
-                raise TrainError(f"step {steps}: a training batch of {labels.shape[0]} sample(s) cannot train "
-                                 "BatchNorm; use a larger batch size (or fewer skipped samples)")
+                raise TrainError(
+                    f"step {steps}: a training batch of {labels.shape[0]} sample(s) cannot train "
+                    "BatchNorm; use a larger batch size (or fewer skipped samples)"
+                )
             begin = clock.start()
             if step is not None:
                 loss_sum += step(images, labels)
@@ -199,7 +209,9 @@ def measure(loader, cfg: TrainConfig, device: torch.device, step=None, end_epoch
                     clock.stop(begin)
                 measured_images += labels.shape[0]
                 data_wait.append(t1 - t0)
-                step_time.append((time.perf_counter() if step is not None else t1) - t0)  # loader only: the wait
+                step_time.append(
+                    (time.perf_counter() if step is not None else t1) - t0
+                )  # loader only: the wait
             if cfg.max_steps is not None and steps >= cfg.max_steps:
                 done = True
                 break
@@ -219,13 +231,18 @@ def measure(loader, cfg: TrainConfig, device: torch.device, step=None, end_epoch
             if step is None:
                 log(f"epoch {epoch}: {steps} {what}, {record.train_seconds:.1f}s")
             else:
-                val = "" if record.val_loss is None else \
-                    f"  val loss {record.val_loss:.4f}  val acc {record.val_accuracy:.3f}"
+                val = (
+                    ""
+                    if record.val_loss is None
+                    else f"  val loss {record.val_loss:.4f}  val acc {record.val_accuracy:.3f}"
+                )
                 log(f"epoch {epoch}: train loss {record.train_loss:.4f}  {record.train_seconds:.1f}s{val}")
         if done:
             break
     total_images = all_reduce_values([measured_images], device)[0]
-    max_seconds = all_reduce_values([measured_seconds], device, op=dist.ReduceOp.MAX if world_size > 1 else None)[0]
+    max_seconds = all_reduce_values(
+        [measured_seconds], device, op=dist.ReduceOp.MAX if world_size > 1 else None
+    )[0]
     result.steps = steps
     result.measured_images = int(total_images)
     result.measured_seconds = max_seconds
@@ -236,18 +253,24 @@ def measure(loader, cfg: TrainConfig, device: torch.device, step=None, end_epoch
     return result
 
 
-def train(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, device: torch.device, log=print) -> TrainResult:
+def train(
+    model: nn.Module, train_loader, val_loader, cfg: TrainConfig, device: torch.device, log=print
+) -> TrainResult:
     """``measure`` with a training step, evaluation after each epoch and early stopping."""
     rank, world_size = _world()
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     net = model.to(device, memory_format=memory_format)
     train_model: nn.Module = net
     if world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None
+        )
     eval_model: nn.Module = net  # unwrapped: uneven eval shards must not meet a DDP collective
     if cfg.compile:
         train_model, eval_model = torch.compile(train_model), torch.compile(net)
-    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(
+        net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")  # bf16 needs no loss scaling
 
     def step(images, labels):

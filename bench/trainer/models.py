@@ -1,7 +1,7 @@
 """Models the harness trains: torchvision ResNets (random init) and a CNN small enough for a CPU."""
+
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 
@@ -13,9 +13,15 @@ def small_cnn(num_classes: int) -> nn.Module:
         return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
     return nn.Sequential(
-        nn.Conv2d(3, 24, 4, 4, bias=False), nn.BatchNorm2d(24), nn.ReLU(inplace=True),  # patchify stem
-        *block(24, 48, 2), *block(48, 96, 2), *block(96, 192, 2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(192, num_classes),
+        nn.Conv2d(3, 24, 4, 4, bias=False),
+        nn.BatchNorm2d(24),
+        nn.ReLU(inplace=True),  # patchify stem
+        *block(24, 48, 2),
+        *block(48, 96, 2),
+        *block(96, 192, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(192, num_classes),
     )
 
 
