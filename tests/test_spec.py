@@ -4,6 +4,7 @@ for every backend's options), recorded as it is."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 
 import pytest
@@ -70,3 +71,42 @@ def test_variants_are_derived_with_replace_and_recorded_as_they_are():
     assert rec["loader_options"]["num_workers"] == 2 and RunSpec.from_argv(rec["argv"]) == swapped
     with pytest.raises(TypeError):
         dataclasses.replace(base, options=swapped.options)  # another backend's options
+
+
+def test_convert_passes_storage_flags_to_the_target_backends_own_options(probe, tmp_path):
+    from .conftest import bench
+
+    p = bench(
+        "data",
+        "convert",
+        "--to",
+        "wds",
+        "--data",
+        str(probe["root"]),
+        "--out",
+        str(tmp_path / "w"),
+        "--write-mode",
+        "raw",
+        cwd=tmp_path,
+    )
+    assert p.returncode == 2 and "--to wds has no storage setting --write-mode" in p.stderr, p.stderr
+    p = bench(
+        "data",
+        "convert",
+        "--to",
+        "wds",
+        "--data",
+        str(probe["root"]),
+        "--out",
+        str(tmp_path / "w"),
+        "--shard-samples",
+        "5",
+        "--seed",
+        "3",
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    manifest = json.loads((tmp_path / "w" / "train" / "manifest.json").read_text())
+    assert manifest["sharding"]["shard_samples"] == 5 and manifest["sharding"]["seed"] == 3
+    # 21 samples in ceil(21 / 5) shards, balanced
+    assert [s["samples"] for s in manifest["shards"]] == [4, 4, 4, 4, 5]

@@ -347,7 +347,9 @@ def machine_line(r: Result) -> str:
     )
     libs = env.get("libraries", {})
     extra = ", ".join(
-        f"{k} {v}" for k, v in libs.items() if k in ("nvidia-dali-cuda130", "ffcv", "webdataset")
+        f"{k} {v}"
+        for k, v in libs.items()
+        if v and k not in ("torch", "torchvision", "numpy", "pillow", "loaderbench")
     )
     return (
         f"{env['cpu']}, {env['cpu_count']} cores, {gpus or 'no GPU'}; Python {env['python']}, "

@@ -45,12 +45,12 @@ BEFORE_SWAPS = (
 AFTER_SWAPS = ("ddp", "early_stop")
 
 
-def swaps(base: str = "torch") -> tuple[str, ...]:
+def swaps(base: str = RunSpec.loader) -> tuple[str, ...]:
     """Every other registered backend that reads data: the loader swaps."""
     return tuple(b.name for b in backends() if not b.is_ceiling and b.name != base)
 
 
-def techniques(base: str = "torch") -> tuple[str, ...]:
+def techniques(base: str = RunSpec.loader) -> tuple[str, ...]:
     return BEFORE_SWAPS + swaps(base) + AFTER_SWAPS
 
 
