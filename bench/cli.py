@@ -94,18 +94,10 @@ def cmd_synth(args) -> int:
 STORAGE_FLAGS = {
     "--max-resolution": ("max_resolution", int, "longest side cap in px (folder: required; wds: re-encodes)"),
     "--jpeg-quality": ("jpeg_quality", int, "JPEG quality of re-encoded images (default 90)"),
-    "--write-mode": (
-        "write_mode",
-        str,
-        "ffcv: jpg (re-encoded), raw (decoded pixels), proportion (a mix), smart",
-    ),
+    "--write-mode": ("write_mode", str, "ffcv: jpg (re-encoded), raw (pixels), proportion (a mix), smart"),
     "--compress-probability": ("compress_probability", float, "ffcv --write-mode proportion"),
     "--shard-samples": ("shard_samples", int, "wds: samples per shard (default: from --shard-mb)"),
-    "--shard-mb": (
-        "shard_mb",
-        float,
-        "wds: target shard size in MB without --shard-samples (at least 16 shards)",
-    ),
+    "--shard-mb": ("shard_mb", float, "wds: shard size in MB without --shard-samples (>= 16 shards)"),
     "--seed": ("shard_seed", int, "wds: seed of the sample order written"),
 }
 

@@ -31,7 +31,7 @@ from .backend import Backend
 from .contract import BaseLoader, LoaderConfig, LoaderError, rank_share, scan_imagefolder
 from .feed import normalize_uint8
 from .pil import decode_problem, decode_rgb
-from .stored import cache_dir, cached, file_entry, temp_output, verify_files
+from .stored import cache_dir, cached, file_entry, require_manifest, temp_output, verify_files
 
 ORDERS = ("random", "quasi_random")
 WRITE_MODES = ("jpg", "raw", "proportion", "smart")
@@ -231,13 +231,7 @@ def _validate_images(paths: np.ndarray, workers: int) -> None:
                 )
 
 
-def convert_beton(
-    split: Path | str,
-    out: Path | str,
-    storage: Storage = Storage(),
-    workers: int | None = None,
-    progress: bool = True,
-) -> dict:
+def convert_beton(split: Path, out: Path, storage=Storage(), workers=None, progress=True) -> dict:
     """Write ImageFolder ``split`` to the .beton ``out`` and its manifest ``out.json``.
 
     Written to a hidden temporary and renamed, manifest last: a .beton without its manifest (or
@@ -307,13 +301,7 @@ def read_manifest(beton: Path, verify: bool = True) -> dict:
     decodes a damaged JPEG record into garbage without a word, so the file's checksum, recorded at
     conversion, is checked (``verify_files``)."""
     m_path = Path(str(beton) + MANIFEST_SUFFIX)
-    if not beton.is_file():
-        raise LoaderError(f"ffcv file not found: {beton}")
-    if not m_path.is_file():
-        raise LoaderError(
-            f"{beton} has no manifest {m_path.name}: an interrupted or foreign conversion; "
-            "convert again with `bench data convert --to ffcv`"
-        )
+    require_manifest(beton, m_path, "ffcv file", "ffcv")
     try:
         manifest = json.loads(m_path.read_text())
         entry = {"file": beton.name, "bytes": manifest["bytes"], "sha1": manifest.get("sha1")}

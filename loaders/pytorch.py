@@ -14,15 +14,7 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from .backend import Backend
-from .contract import (
-    BaseLoader,
-    FolderIndex,
-    LoaderConfig,
-    LoaderError,
-    rank_share,
-    scan_imagefolder,
-    shard_indices,
-)
+from .contract import BaseLoader, LoaderConfig, LoaderError, rank_share, scan_imagefolder, shard_indices
 from .feed import DeviceFeed
 from .pil import collate_checked, describe_pil, sample, transform_for
 from .workers import check_worker_options, worker_loader
@@ -63,7 +55,7 @@ class _Samples(Dataset):
     """Decodes and augments one sample. Keys are (epoch, index) so that augmentation is seeded
     per sample and epoch: the same seed gives the same images whatever the worker count."""
 
-    def __init__(self, index: FolderIndex, transform, seed: int):
+    def __init__(self, index, transform, seed: int):
         self.paths, self.labels = index.paths, index.labels
         self.transform = transform
         self.seed = seed
@@ -98,7 +90,7 @@ class _EpochKeys(Sampler):
 class TorchLoader(BaseLoader):
     name = "torch"
 
-    def __init__(self, cfg: LoaderConfig, opts: Options, index: FolderIndex):
+    def __init__(self, cfg: LoaderConfig, opts: Options, index):
         n = len(index)
         super().__init__(cfg, *rank_share(n, cfg, cfg.data), index.classes)
         self.options = opts

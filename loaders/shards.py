@@ -22,7 +22,7 @@ import numpy as np
 
 from .contract import LoaderError, scan_imagefolder
 from .pil import shrink
-from .stored import cache_dir, cached, file_entry, temp_output, verify_files
+from .stored import cache_dir, cached, file_entry, require_manifest, temp_output, verify_files
 from .stored import read_manifest as read_own_manifest
 
 MANIFEST = "manifest.json"
@@ -101,13 +101,7 @@ def _write_index(tar: Path) -> bool:
     return True
 
 
-def convert_shards(
-    split: Path | str,
-    out: Path | str,
-    sharding: Sharding = Sharding(),
-    workers: int | None = None,
-    progress: bool = True,
-) -> dict:
+def convert_shards(split: Path, out: Path, sharding=Sharding(), workers=None, progress=True) -> dict:
     """Write ImageFolder ``split`` as tar shards in the new folder ``out``.
 
     Everything is written in a hidden sibling folder and renamed when complete, manifest last:
@@ -205,13 +199,7 @@ def read_manifest(folder: Path, verify: bool = True) -> dict:
     checks only."""
     folder = Path(folder)
     m_path = folder / MANIFEST
-    if not folder.is_dir():
-        raise LoaderError(f"wds shard folder not found: {folder}")
-    if not m_path.is_file():
-        raise LoaderError(
-            f"{folder} has no {MANIFEST}: not a shard folder, or an interrupted conversion; "
-            "convert with `bench data convert --to wds`"
-        )
+    require_manifest(folder, m_path, "wds shard folder", "wds")
     manifest = read_own_manifest(m_path, KIND)
     verify_files(folder, manifest["shards"], "shard", verify)
     return manifest

@@ -119,6 +119,17 @@ def verify_files(folder: Path, entries: list[dict], what: str, verify: bool = Tr
                 )
 
 
+def require_manifest(data: Path, manifest: Path, what: str, backend: str) -> None:
+    """``data`` (a file or folder) and its manifest exist, or a LoaderError saying how to get them."""
+    if not data.exists():
+        raise LoaderError(f"{what} not found: {data}")
+    if not manifest.is_file():
+        raise LoaderError(
+            f"{data} has no manifest {manifest.name}: an interrupted or foreign conversion; "
+            f"convert again with `bench data convert --to {backend}`"
+        )
+
+
 def read_manifest(path: Path, kind: str) -> dict:
     """A manifest of ours (``kind``), or a LoaderError."""
     try:

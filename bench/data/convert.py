@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from loaders.contract import LoaderError, scan_imagefolder
 from loaders.pil import decode_rgb, shrink
 from loaders.stored import temp_output
 
+from .parallel import pool_map
 from .synth import MANIFEST
 
 SPLITS = ("train", "val")
@@ -67,7 +67,6 @@ def _resize_one(args) -> tuple[int, int, int]:
 
 def to_folder(root: Path, out: Path, max_resolution: int, quality: int, workers: int | None = None) -> dict:
     """A copy of the ImageFolder with the longest side at most ``max_resolution``, re-encoded."""
-    from tqdm import tqdm
 
     if max_resolution < 8 or not 1 <= quality <= 100:
         raise LoaderError("--max-resolution must be >= 8 and --jpeg-quality within 1..100")
@@ -82,15 +81,7 @@ def to_folder(root: Path, out: Path, max_resolution: int, quality: int, workers:
                 (tmp / rel.parent).mkdir(parents=True, exist_ok=True)
                 tasks.append((str(path), str((tmp / rel).with_suffix(".jpg")), max_resolution, quality))
         start = time.perf_counter()
-        with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-            stats = list(
-                tqdm(
-                    pool.map(_resize_one, tasks, chunksize=16),
-                    total=len(tasks),
-                    desc=f"resizing to {max_resolution} px",
-                    unit="img",
-                )
-            )
+        stats = pool_map(_resize_one, tasks, f"resizing to {max_resolution} px", workers)
         n = len(stats)
         manifest = {
             "kind": "loaderbench resized ImageFolder",
@@ -111,28 +102,18 @@ def to_folder(root: Path, out: Path, max_resolution: int, quality: int, workers:
 def folder_storage(root: Path) -> dict:
     """An ImageFolder split's storage resolution and size, from the generator's or `--to folder`'s
     manifest, or else a sample of file headers."""
-    manifest = root.parent / MANIFEST
-    if manifest.is_file():
-        m = json.loads(manifest.read_text())
-        return {
-            "source": "generated",
-            "mean_width": m["mean_width"],
-            "mean_height": m["mean_height"],
-            "mean_bytes": m["mean_bytes"],
-            "jpeg_quality": m["spec"]["quality"],
-            "spec": m["spec"],
-        }
-    resized = root.parent / FOLDER_MANIFEST
-    if resized.is_file():
-        m = json.loads(resized.read_text())
-        return {
-            "source": "bench data convert --to folder",
-            "mean_width": m["mean_width"],
-            "mean_height": m["mean_height"],
-            "mean_bytes": m["mean_bytes"],
-            "jpeg_quality": m["jpeg_quality"],
-            "max_resolution": m["max_resolution"],
-        }
+    for name, source in ((MANIFEST, "generated"), (FOLDER_MANIFEST, "bench data convert --to folder")):
+        if (root.parent / name).is_file():
+            m = json.loads((root.parent / name).read_text())
+            sizes = {k: m[k] for k in ("mean_width", "mean_height", "mean_bytes")}
+            if name == MANIFEST:
+                return {"source": source, **sizes, "jpeg_quality": m["spec"]["quality"], "spec": m["spec"]}
+            return {
+                "source": source,
+                **sizes,
+                "jpeg_quality": m["jpeg_quality"],
+                "max_resolution": m["max_resolution"],
+            }
     from PIL import Image
 
     index = scan_imagefolder(root)

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from loaders.contract import LoaderError
 from loaders.stored import temp_output
 
 from ..errors import BenchError
+from .parallel import pool_map
 
 MANIFEST = "synth.json"
 SPLITS = ("train", "val")
@@ -132,7 +132,6 @@ def generate(
     Written into a temporary sibling folder and renamed at the end: ``out`` either holds a
     complete dataset with its manifest or does not exist.
     """
-    from tqdm import tqdm
 
     out = Path(out)
     if is_complete(out, spec):
@@ -154,16 +153,7 @@ def generate(
                     (tmp / split / f"c{cls:03d}").mkdir(parents=True)
                     tasks += [(spec, str(tmp), split, cls, i) for i in range(per_class)]
             start = time.perf_counter()
-            with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-                stats = list(
-                    tqdm(
-                        pool.map(_write_one, tasks, chunksize=16),
-                        total=len(tasks),
-                        desc=f"generating {out.name}",
-                        unit="img",
-                        disable=not progress,
-                    )
-                )
+            stats = pool_map(_write_one, tasks, f"generating {out.name}", workers, progress)
             sizes, widths, heights = (np.array(col) for col in zip(*stats))
             manifest = {
                 "kind": "loaderbench generated ImageFolder",
