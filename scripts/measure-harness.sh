@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The harness's images/s against (1) an outside clock on the same run (scripts/same-run-timing.py,
 # loader only and end to end) and (2) a plain perf_counter timing of the same loader (scripts/outside-timing.py):
-# `bench run --loader-only` and the plain script alternate, fresh processes, TRIALS pairs per backend,
+# `bench run --loader-only` and the plain script alternate (and swap order every trial), fresh processes, TRIALS pairs per backend,
 # default generated set, batch 64, 2 workers / threads, 5 warm-up steps, 40 steps (the run stops
 # inside its second epoch, where an iterator torn down inside the window would show).
 #   bash scripts/measure-harness.sh [OUT] [TRIALS] [REPO]   (REPO: another checkout to measure, e.g. an older commit)
@@ -21,12 +21,19 @@ for t in $(seq "$TRIALS"); do
   for name in torch dali ffcv wds synthetic; do
     args=(); for kv in $("$PY" -c "import json,sys; print(' '.join(f'{k}={v}' for k,v in json.loads(sys.argv[1]).items()))" "${OPTS[$name]}"); do args+=(-o "$kv"); done
     runs="$OUT/runs/$name-$t"
-    # a process that fails (or aborts at exit) is a row that says so, not the end of the measurement
-    (cd "$REPO" && PYTHONPATH="$REPO" "$PY" -m bench.cli run --loader-only --loader "$name" --data "$DATA" \
-       --steps $STEPS --warmup-steps $WARMUP --batch-size 64 "${args[@]}" --out "$HERE/$runs" > /dev/null) || true
-    h=$("$PY" -c "import json,glob,sys; print(json.load(open(glob.glob(sys.argv[1]+'/*.json')[0]))['metrics']['images_per_second'])" "$runs" 2>/dev/null || echo nan)
-    o=$(cd "$REPO" && PYTHONPATH="$REPO" "$PY" "$HERE/scripts/outside-timing.py" "$name" "$DATA" $STEPS $WARMUP "${OPTS[$name]}" 2>/dev/null | tail -1 \
-        | "$PY" -c "import json,sys; print(json.load(sys.stdin)['images_per_second'])" 2>/dev/null || echo nan)
+    # a process that fails (or aborts at exit) is a row that says so, not the end of the measurement;
+    # odd trials run the harness first, even trials the plain script first (the second process of a
+    # pair can meet the first one's exit on these 2 cores)
+    harness() {
+      (cd "$REPO" && PYTHONPATH="$REPO" "$PY" -m bench.cli run --loader-only --loader "$name" --data "$DATA" \
+         --steps $STEPS --warmup-steps $WARMUP --batch-size 64 "${args[@]}" --out "$HERE/$runs" > /dev/null) || true
+      h=$("$PY" -c "import json,glob,sys; print(json.load(open(glob.glob(sys.argv[1]+'/*.json')[0]))['metrics']['images_per_second'])" "$runs" 2>/dev/null || echo nan)
+    }
+    plain() {
+      o=$(cd "$REPO" && PYTHONPATH="$REPO" "$PY" "$HERE/scripts/outside-timing.py" "$name" "$DATA" $STEPS $WARMUP "${OPTS[$name]}" 2>/dev/null | tail -1 \
+          | "$PY" -c "import json,sys; print(json.load(sys.stdin)['images_per_second'])" 2>/dev/null || echo nan)
+    }
+    if (( t % 2 )); then harness; plain; else plain; harness; fi
     "$PY" -c "import sys; t,n,h,o=sys.argv[1:]; h,o=float(h),float(o); print(f'| {t} | {n} | {h:,.1f} | {o:,.1f} | {h/o:.3f} |')" "$t" "$name" "$h" "$o" | tee -a "$OUT/pairs.md"
   done
 done
