@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import dataclasses
 import gc
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -372,7 +374,35 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    previous = sys.unraisablehook
+    sys.unraisablehook = _keep_interrupts(previous)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    finally:
+        sys.unraisablehook = previous
+
+
+def _keep_interrupts(default):
+    """A Ctrl-C that lands while a weakref callback or ``__del__`` runs is printed and dropped by
+    Python ("Exception ignored in ..."), and the run goes on to the end. DataLoader's shared-memory
+    cache runs such callbacks for every batch it receives, so that happened (one Ctrl-C test run in
+    some dozens). The dropped interrupt is raised again in the main thread once the callback is over
+    (from another thread: raised from the hook, it would be dropped with the hook's own error)."""
+
+    def again():
+        time.sleep(0.01)
+        _thread.interrupt_main()
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            threading.Thread(target=again, daemon=True).start()
+        else:
+            default(unraisable)
+
+    return hook
+
+
+def _main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     with_argv = {"run": cmd_run, "sweep": cmd_sweep, "doctor": cmd_doctor, "tune": cmd_tune}
     try:
@@ -391,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         # (often inside the model), not only inside the loader's iteration.
         from loaders.workers import worker_failed
 
-        died = worker_failed(exc, getattr(args, "loader", None) or "data")
+        died = worker_failed(exc, getattr(args, "loader", None) or RunSpec.loader)
         if died is None:
             raise
         if not _during_interrupt(exc):
