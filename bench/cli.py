@@ -171,6 +171,8 @@ def cmd_backends(args) -> int:
 
 # -- the harness ---------------------------------------------------------------------------------
 
+STORAGE_FIELDS = ("storage", "s3_endpoint", "s3_bucket", "s3_latency_ms", "s3_mbps")  # every harness command
+
 # name: (help, description, the run-spec fields it varies from, default --out)
 HARNESS = {
     "sweep": (
@@ -212,7 +214,7 @@ def _harness_parsers(sub) -> None:
     p = {}
     for name, (help_, description, fields, out) in HARNESS.items():
         p[name] = sub.add_parser(name, help=help_, description=description)
-        add_flags(p[name], fields=fields, knobs=False, options=name == "doctor", steps=30)
+        add_flags(p[name], fields=fields + STORAGE_FIELDS, knobs=False, options=name == "doctor", steps=30)
         p[name].add_argument("--out", help=f"folder for the results (default {out})")
         flag, default, what = WORKERS[name]
         p[name].add_argument(flag, type=int, default=default, help=what)
@@ -407,7 +409,12 @@ def _main(argv: list[str]) -> int:
     with_argv = {"run": cmd_run, "sweep": cmd_sweep, "doctor": cmd_doctor, "tune": cmd_tune}
     try:
         if args.command in with_argv:
-            return with_argv[args.command](args, argv)
+            # One object store (and shaper) for the whole command: every trial, every rank.
+            spec = RunSpec(
+                **{f: getattr(args, f) for f in STORAGE_FIELDS if getattr(args, f, None) is not None}
+            )
+            with spec.storage_session():
+                return with_argv[args.command](args, argv)
         if args.command == "data":
             return cmd_synth(args) if args.data_command == "synth" else cmd_convert(args)
         return {"report": cmd_report, "compare": cmd_compare, "backends": cmd_backends}[args.command](args)

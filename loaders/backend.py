@@ -27,6 +27,7 @@ class Backend:
     min_workers: ClassVar[int] = 0  # the smallest value its parallelism option accepts
     prefetch_values: ClassVar[tuple[int, ...]] = ()  # what `bench tune` tries for its prefetch option
     stored_format: ClassVar[str | None] = None  # what `convert` writes, e.g. "FFCV .beton files"
+    reads_s3: ClassVar[bool] = False  # builds on s3:// URLs of what it reads (directly, or staged)
     is_ceiling: ClassVar[bool] = False  # reads no data: the rate with no input cost (synthetic)
 
     # -- what every backend has -------------------------------------------------------------------
@@ -83,8 +84,14 @@ class Backend:
         return options.get(knob) if knob else None
 
     # -- stored formats ---------------------------------------------------------------------------
+    def stored(self, split: Path, opts) -> Path:
+        """The local file or folder this backend reads for the ImageFolder ``split`` (converted first,
+        once, where it must be): what a cold run evicts and an object-store run uploads."""
+        return Path(split)
+
     def prepare(self, split: Path, opts) -> None:
         """Convert an ImageFolder split once, before several ranks start (they then find it cached)."""
+        self.stored(split, opts)
 
     def locate(self, root: Path, split: str, opts) -> Path | None:
         """``split`` of ``root`` in this backend's own stored format, when ``root`` holds it."""

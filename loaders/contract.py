@@ -44,7 +44,7 @@ class BadSampleError(LoaderError):
 class LoaderConfig:
     """What every backend is asked for; backend-specific knobs live in each backend's Options."""
 
-    data: Path | None
+    data: Path | str | None  # a local path, or an s3:// URL (a str)
     batch_size: int
     train: bool
     image_size: int = 224

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import shards
+from . import objstore, shards
 from .backend import Backend
 from .contract import (
     MEAN,
@@ -66,6 +66,7 @@ class DaliBackend(Backend):
     knobs = {"workers": "num_threads", "prefetch": "prefetch_queue_depth"}
     min_workers = 1
     prefetch_values = (1, 2, 3, 4)
+    reads_s3 = True
 
     def build(self, cfg: LoaderConfig, opts: Options) -> DaliLoader:
         if opts.decode not in DECODES:
@@ -87,12 +88,17 @@ class DaliBackend(Backend):
             raise LoaderError("the dali backend needs data= (an ImageFolder split folder)")
         if opts.reader == "wds":
             return _build_wds(cfg, opts)
-        return DaliLoader(cfg, opts, scan_imagefolder(cfg.data))
+        # A bucket's images are read by DALI's own S3 reader (AWS_ENDPOINT_URL and the AWS environment).
+        remote = objstore.is_url(cfg.data)
+        return DaliLoader(
+            cfg, opts, objstore.scan_imagefolder(cfg.data) if remote else scan_imagefolder(cfg.data)
+        )
 
-    def prepare(self, split: Path, opts: Options) -> None:
-        """With reader='wds' over an ImageFolder split: convert it once, before several ranks start."""
-        if opts.reader == "wds" and not shards.is_shard_folder(Path(split)):
-            shards.resolve_shards(Path(split), shards.Sharding(), progress=True)
+    def stored(self, split: Path, opts: Options) -> Path:
+        """With reader='wds' over an ImageFolder split, its shards (converted once); else the split."""
+        if opts.reader == "wds":
+            return shards.resolve_shards(Path(split), shards.Sharding(), progress=True)[0]
+        return Path(split)
 
     def locate(self, root: Path, split: str, opts) -> Path | None:
         shard_split = opts.reader == "wds" and shards.is_shard_folder(root / split)
@@ -254,7 +260,7 @@ class DaliLoader(BaseLoader):
         cfg, order, paths_of = self.config, self._left, self.index.paths
         window = order[pos : pos + (self.options.prefetch_queue_depth + 2) * cfg.batch_size]
         paths = sorted({str(p) for p in paths_of[window]})
-        bad = [(p, why) for p, why in zip(paths, map(decode_problem, paths)) if why]
+        bad = [(p, why) for p, why in zip(paths, map(_problem, paths)) if why]
         if not bad:
             raise LoaderError(f"DALI pipeline failed reading {cfg.data}: {str(exc).splitlines()[0]}") from exc
         self._skip_or_raise(bad)  # raises under 'stop'
@@ -288,13 +294,23 @@ class DaliLoader(BaseLoader):
             self._pipe = None
 
 
+def _problem(path: str) -> str | None:
+    """Why the image at ``path`` (a file or an s3:// object) cannot be decoded, or None."""
+    if not objstore.is_url(path):
+        return decode_problem(path)
+    try:
+        return decode_problem(objstore.get(path))
+    except objstore.MissingObject as exc:
+        return str(exc)
+
+
 def _build_wds(cfg: LoaderConfig, opts: Options) -> DaliShardLoader:
     if cfg.on_bad_sample == "skip":
         raise LoaderError(
             "dali reader='wds' cannot skip bad samples (DALI fails a whole batch inside its pipeline "
             "without naming the sample); use on_bad_sample='stop', or --loader wds, which skips them"
         )
-    data = Path(cfg.data)
+    data = cfg.data if objstore.is_url(cfg.data) else Path(cfg.data)
     # a shard folder, or an ImageFolder split converted (cached) as the wds backend's default does
     data, manifest = shards.resolve_shards(data, shards.Sharding(), progress=cfg.rank == 0)
     if manifest["samples"] < cfg.world_size:
@@ -337,7 +353,7 @@ class DaliShardLoader(DaliLoader):
         return d
 
     def _paths(self) -> list[Path]:
-        files = [self.folder / s["file"] for s in self.manifest["shards"]]
+        files = [shards.shard_path(self.folder, s["file"]) for s in self.manifest["shards"]]
         if not self.config.train:
             return files
         g = torch.Generator().manual_seed(self.config.seed + self.epoch)
@@ -348,7 +364,7 @@ class DaliShardLoader(DaliLoader):
 
         cfg = self.config
         paths = self._paths()
-        indexes = [p.with_suffix(".idx") for p in paths]
+        indexes = [str(p)[: -len(".tar")] + ".idx" for p in paths]
         reader = dict(
             paths=[str(p) for p in paths],
             shard_id=cfg.rank,
@@ -356,8 +372,9 @@ class DaliShardLoader(DaliLoader):
             random_shuffle=cfg.train,
             initial_fill=min(1024, max(2, self.num_samples)),
         )
-        if all(i.is_file() for i in indexes):  # else DALI infers the index (slower to start)
-            reader["index_paths"] = [str(i) for i in indexes]
+        remote = objstore.is_url(self.folder)  # the manifest lists a shard's index when it was written
+        if (remote and self.manifest.get("dali_index")) or all(Path(i).is_file() for i in indexes):
+            reader["index_paths"] = indexes  # else DALI infers the index (slower to start)
         self.close()
         seed = hash((cfg.seed, self.epoch, cfg.rank)) & 0x7FFF_FFFF
         self._pipe = _pipeline(cfg, self.options, reader, seed, self.gpu_decode)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import objstore
 from .backend import Backend
 from .contract import BaseLoader, LoaderConfig, LoaderError, rank_share, scan_imagefolder
 from .feed import normalize_uint8
@@ -333,13 +334,13 @@ class FfcvBackend(Backend):
     min_workers = 1
     prefetch_values = (1, 2, 3, 5)
     stored_format = "FFCV .beton files"
+    reads_s3 = True
 
     def build(self, cfg: LoaderConfig, opts: Options) -> FfcvLoader:
         return _build(cfg, opts)
 
-    def prepare(self, split: Path, opts: Options) -> None:
-        if Path(split).is_dir():
-            cached_beton(Path(split), storage_of(opts))
+    def stored(self, split: Path, opts: Options) -> Path:
+        return cached_beton(Path(split), storage_of(opts)) if Path(split).is_dir() else Path(split)
 
     def locate(self, root: Path, split: str, opts) -> Path | None:
         beton = root / f"{split}.beton"
@@ -397,12 +398,29 @@ def _build(cfg: LoaderConfig, opts: Options) -> FfcvLoader:
             )
     if cfg.data is None:
         raise LoaderError("the ffcv backend needs data= (a .beton, or an ImageFolder split to convert)")
-    data = Path(cfg.data)
+    staged = None
+    if objstore.is_url(cfg.data):  # FFCV memory-maps its file: copy it from the bucket first
+        staged = objstore.Staged()
+        try:
+            data = staged.fetch(cfg.data)
+            staged.fetch(cfg.data + MANIFEST_SUFFIX)
+        except BaseException:
+            staged.remove()
+            raise
+    else:
+        data = Path(cfg.data)
     converted = data.is_dir()
     if converted:
         data = cached_beton(data, storage, progress=cfg.rank == 0)  # verified there
-    manifest = read_manifest(data, verify=not converted)
-    return FfcvLoader(cfg, opts, data, manifest, distributed)
+    try:
+        manifest = read_manifest(data, verify=not converted)
+        loader = FfcvLoader(cfg, opts, data, manifest, distributed)
+    except BaseException:
+        if staged is not None:
+            staged.remove()
+        raise
+    loader.staged = staged
+    return loader
 
 
 class FfcvLoader(BaseLoader):
@@ -412,6 +430,7 @@ class FfcvLoader(BaseLoader):
     def __init__(self, cfg: LoaderConfig, opts: Options, beton: Path, manifest: dict, distributed: bool):
         super().__init__(cfg, *rank_share(manifest["samples"], cfg, beton), tuple(manifest["classes"]))
         self.options, self.beton, self.manifest = opts, beton, manifest
+        self.staged = None  # an objstore.Staged copy of a bucket's .beton, removed at close()
         cores = os.cpu_count() or 1
         self.workers = min(opts.num_workers or cores, cores)
         self.note = (
@@ -481,6 +500,8 @@ class FfcvLoader(BaseLoader):
             storage=self.manifest["storage"],
             first_batch_seconds=self.first_batch_seconds,
         )
+        if self.staged is not None:
+            d["staged"] = self.staged.describe()
         return d
 
     def __iter__(self):
@@ -516,4 +537,5 @@ class FfcvLoader(BaseLoader):
                 close()
 
     def close(self) -> None:
-        pass
+        if self.staged is not None:
+            self.staged.remove()

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
+from . import objstore
 from .backend import Backend
 from .contract import BaseLoader, LoaderConfig, LoaderError, rank_share, scan_imagefolder, shard_indices
 from .feed import DeviceFeed
-from .pil import collate_checked, describe_pil, sample, transform_for
+from .pil import BadSample, collate_checked, describe_pil, sample, transform_for
 from .workers import check_worker_options, worker_loader
 
 
@@ -29,6 +30,7 @@ class Options:
     prefetch_factor: int | None = None  # DataLoader's default (2) when workers are used
     device_normalize: bool = False  # uint8 collate + normalise on the device
     timeout: float = 0  # seconds to wait for one batch from the workers; 0 waits forever (DataLoader's)
+    s3_requests: int = 16  # s3:// data: GETs in flight per worker (a batch's images are fetched together)
 
 
 class TorchBackend(Backend):
@@ -43,30 +45,65 @@ class TorchBackend(Backend):
         "device_normalize": "device_normalize",
     }
     prefetch_values = (2, 4, 8)
+    reads_s3 = True
 
     def build(self, cfg: LoaderConfig, opts: Options) -> TorchLoader:
         check_worker_options(opts)
+        if opts.s3_requests < 1:
+            raise LoaderError(f"s3_requests must be >= 1, got {opts.s3_requests}")
         if cfg.data is None:
             raise LoaderError("the torch backend needs data= (an ImageFolder split folder)")
-        return TorchLoader(cfg, opts, scan_imagefolder(cfg.data))
+        remote = objstore.is_url(cfg.data)  # one GET per image, from every worker
+        return TorchLoader(
+            cfg, opts, objstore.scan_imagefolder(cfg.data) if remote else scan_imagefolder(cfg.data)
+        )
 
 
 class _Samples(Dataset):
     """Decodes and augments one sample. Keys are (epoch, index) so that augmentation is seeded
     per sample and epoch: the same seed gives the same images whatever the worker count."""
 
-    def __init__(self, index, transform, seed: int):
+    def __init__(self, index, transform, seed: int, requests: int = 1):
         self.paths, self.labels = index.paths, index.labels
         self.transform = transform
         self.seed = seed
+        self.remote = objstore.is_url(str(index.root))
+        self.requests = requests
+        self._pool = None  # (pid, thread pool): a forked worker starts its own
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, key):
+        return self._sample(key, self._fetch(str(self.paths[key[1]])))
+
+    def __getitems__(self, keys):
+        """A batch's samples; from a bucket, its GETs go out together (``requests`` in flight): one
+        at a time, each worker would wait a whole first-byte latency per image."""
+        if not self.remote:
+            return [self[k] for k in keys]
+        import concurrent.futures
+        import os
+
+        if self._pool is None or self._pool[0] != os.getpid():
+            self._pool = (os.getpid(), concurrent.futures.ThreadPoolExecutor(self.requests))
+        sources = self._pool[1].map(self._fetch, [str(self.paths[i]) for _, i in keys])
+        return [self._sample(k, s) for k, s in zip(keys, sources)]
+
+    def _fetch(self, path: str):
+        if not self.remote:
+            return path
+        try:
+            return objstore.get(path)
+        except objstore.MissingObject as exc:  # as a missing file: the bad-sample policy decides
+            return BadSample(path, str(exc))
+
+    def _sample(self, key, source):
         epoch, i = key
+        if isinstance(source, BadSample):
+            return source
         path = str(self.paths[i])
-        return sample(self.transform, path, path, int(self.labels[i]), self.seed, epoch, int(i))
+        return sample(self.transform, source, path, int(self.labels[i]), self.seed, epoch, int(i))
 
 
 class _EpochKeys(Sampler):
@@ -111,7 +148,12 @@ class TorchLoader(BaseLoader):
                 n, cfg.rank, cfg.world_size, shuffle=False, seed=cfg.seed, epoch=epoch, pad=False
             )
         self._loader = worker_loader(
-            _Samples(index, transform_for(cfg, float_in_workers=not opts.device_normalize), cfg.seed),
+            _Samples(
+                index,
+                transform_for(cfg, float_in_workers=not opts.device_normalize),
+                cfg.seed,
+                opts.s3_requests,
+            ),
             opts,
             self.name,
             cfg.device.type == "cuda",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from . import objstore
 from .backend import Backend
 from .contract import LoaderConfig, LoaderError, default_device, resolve_dtype, resolve_rank, validate
 
@@ -85,7 +86,8 @@ def build_loader(
     options=None,
     **option_values,
 ):
-    """Build the loader ``name`` over the ImageFolder split ``data``.
+    """Build the loader ``name`` over the ImageFolder split ``data`` (a folder, or the backend's own
+    stored format; an ``s3://bucket/prefix`` URL of either reads from object storage).
 
     Common arguments mean the same for every backend; ``**option_values`` are the backend's own
     (e.g. ``num_workers=8, pin_memory=True`` for ``torch``), or ``options=`` its Options instance.
@@ -97,7 +99,7 @@ def build_loader(
     opts = options if options is not None else backend.options(**option_values)
     rank, world_size = resolve_rank(rank, world_size)
     cfg = LoaderConfig(
-        data=Path(data) if data is not None else None,
+        data=None if data is None else data if objstore.is_url(data) else Path(data),
         batch_size=int(batch_size),
         train=bool(train),
         image_size=int(image_size),

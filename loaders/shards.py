@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import objstore
 from .contract import LoaderError, scan_imagefolder
 from .pil import shrink
 from .stored import cache_dir, cached, file_entry, require_manifest, temp_output, verify_files
@@ -47,7 +48,14 @@ def import_wds():
         import webdataset
     except ImportError:
         raise LoaderError("webdataset is not installed: pip install 'loaderbench[wds]'") from None
+    # Shards in a bucket are streamed whole through boto3, with its bounded timeouts and retries.
+    webdataset.gopen_schemes.setdefault("s3", lambda url, mode="rb", bufsize=8192, **kw: objstore.Stream(url))
     return webdataset
+
+
+def shard_path(folder: Path | str, name: str) -> Path | str:
+    """A file of a shard folder: a local path, or an s3:// URL when the folder is a bucket prefix."""
+    return objstore.join(folder, name) if objstore.is_url(folder) else Path(folder) / name
 
 
 def check_sharding(s: Sharding) -> None:
@@ -205,6 +213,31 @@ def read_manifest(folder: Path, verify: bool = True) -> dict:
     return manifest
 
 
+def read_remote_manifest(url: str) -> dict:
+    """The manifest of a shard folder in a bucket, every shard it lists present at its size (their
+    checksums are not read back: a shard cut short is found when it is streamed)."""
+    listed = objstore.listing(url)
+    if MANIFEST not in listed:
+        raise LoaderError(
+            f"{url} has no {MANIFEST}: not a shard folder, or its upload did not finish "
+            "(`bench data upload` writes it last)"
+        )
+    try:
+        manifest = json.loads(objstore.get(objstore.join(url, MANIFEST)))
+        assert manifest["kind"] == KIND
+    except (ValueError, KeyError, AssertionError, TypeError):
+        raise LoaderError(f"{objstore.join(url, MANIFEST)} is damaged or not ours; upload again") from None
+    for e in manifest["shards"]:
+        if e["file"] not in listed:
+            raise LoaderError(f"shard {objstore.join(url, e['file'])} is missing (listed in its manifest)")
+        if listed[e["file"]] != e["bytes"]:
+            raise LoaderError(
+                f"shard {objstore.join(url, e['file'])} is {listed[e['file']]} bytes, its manifest says "
+                f"{e['bytes']}: upload again"
+            )
+    return manifest
+
+
 def is_shard_folder(path: Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
@@ -219,7 +252,10 @@ def cached_shards(split: Path, sharding: Sharding, progress: bool = True) -> Pat
 
 
 def resolve_shards(data: Path, sharding: Sharding, progress: bool) -> tuple[Path, dict]:
-    """(shard folder, manifest) for ``data``: a shard folder, or an ImageFolder split to convert."""
+    """(shard folder, manifest) for ``data``: a shard folder (local or in a bucket), or an ImageFolder
+    split to convert."""
+    if objstore.is_url(data):
+        return data, read_remote_manifest(data)
     if not is_shard_folder(data) and data.is_dir() and not list(data.glob("*.tar")):
         data = cached_shards(data, sharding, progress=progress)
         return data, read_manifest(data, verify=False)  # checked (or just written) there

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset
 
+from . import objstore
 from .backend import Backend
 from .contract import BaseLoader, LoaderConfig, LoaderError, num_batches, shard_sizes
 from .feed import DeviceFeed
@@ -36,6 +37,7 @@ from .shards import (
     is_shard_folder,
     read_manifest,
     resolve_shards,
+    shard_path,
     storage_stats,
 )
 from .shards import summary as shards_summary
@@ -80,6 +82,7 @@ class WdsBackend(Backend):
     }  # no persistent workers: each epoch plans anew
     prefetch_values = (2, 4, 8)
     stored_format = "webdataset shards"
+    reads_s3 = True
 
     def build(self, cfg: LoaderConfig, opts: Options) -> WdsLoader:
         import_wds()
@@ -91,7 +94,8 @@ class WdsBackend(Backend):
             raise LoaderError(
                 "the wds backend needs data= (a shard folder, or an ImageFolder split to convert)"
             )
-        folder, manifest = resolve_shards(Path(cfg.data), sharding_of(opts), progress=cfg.rank == 0)
+        data = cfg.data if objstore.is_url(cfg.data) else Path(cfg.data)
+        folder, manifest = resolve_shards(data, sharding_of(opts), progress=cfg.rank == 0)
         if manifest["samples"] < cfg.world_size:
             raise LoaderError(
                 f"{manifest['samples']} samples in {folder} cannot be split over {cfg.world_size} ranks"
@@ -105,9 +109,9 @@ class WdsBackend(Backend):
             )
         return WdsLoader(cfg, opts, folder, manifest)
 
-    def prepare(self, split: Path, opts: Options) -> None:
+    def stored(self, split: Path, opts: Options) -> Path:
         check_sharding(sharding_of(opts))
-        resolve_shards(Path(split), sharding_of(opts), progress=True)
+        return resolve_shards(Path(split), sharding_of(opts), progress=True)[0]
 
     def locate(self, root: Path, split: str, opts) -> Path | None:
         return root / split if is_shard_folder(root / split) else None
@@ -198,7 +202,7 @@ class _ShardStream(IterableDataset):
     def _samples(self, parts):
         wds = import_wds()
         for shard, skip, take in parts:
-            url = str(self.folder / self.files[shard])
+            url = str(shard_path(self.folder, self.files[shard]))
 
             def fail(exc, url=url):  # webdataset's handler: re-raise as one line naming the shard
                 if isinstance(exc, LoaderError):

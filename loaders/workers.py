@@ -60,7 +60,20 @@ def checked(it, backend: str):
         except RuntimeError as exc:
             stop_workers(it)
             raise (worker_failed(exc, backend) or exc) from exc
+        except LoaderError as exc:
+            stop_workers(it)
+            raise from_worker(exc) from None
         yield item
+
+
+def from_worker(exc: LoaderError) -> LoaderError:
+    """A LoaderError a worker raised, as its own line: DataLoader re-raises it in the main process
+    with the worker's whole traceback as the message ("Caught LoaderError in DataLoader worker...")."""
+    text = str(exc).strip()
+    if not text.startswith("Caught "):
+        return exc
+    last = text.splitlines()[-1]
+    return type(exc)(last.split(": ", 1)[1] if ": " in last else last)
 
 
 def start_workers(loader: DataLoader):

@@ -16,8 +16,9 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
   echo "setup: installing torch 2.14.1 + torchvision 0.29.1 (about a minute from local disk)" >&2
   quiet_pip "torch==2.14.1" "torchvision==0.29.1"
 fi
-# Backends whose libraries install from PyPI alone: dali (CPU pipeline without CUDA, ~600 MB), wds.
-quiet_pip -e ".[dev,dali,wds]"
+# Backends whose libraries install from PyPI alone: dali (CPU pipeline without CUDA, ~600 MB), wds;
+# s3: boto3 and moto's loopback S3 server for --storage s3.
+quiet_pip -e ".[dev,dali,wds,s3]"
 # ffcv compiles against libturbojpeg and OpenCV found through pkg-config: Debian/Ubuntu packages.
 ffcv_deps() { pkg-config --exists libturbojpeg opencv4 2>/dev/null; }
 if ! .venv/bin/python -c "import ffcv" 2>/dev/null; then

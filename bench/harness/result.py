@@ -47,6 +47,9 @@ class Metrics:
     stopped_early: bool = False
     skipped_samples: int = 0
     resources: dict = field(default_factory=dict)
+    storage: dict = field(
+        default_factory=dict
+    )  # regime, bytes read, requests, staging (bench.storage.regime)
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as they were
 
     @classmethod

@@ -21,6 +21,7 @@ from loaders.contract import scan_imagefolder
 from ..data.convert import folder_storage
 from ..data.synth import SynthSpec, default_dataset
 from ..errors import UsageError
+from ..storage import regime
 from ..trainer import MODELS, TrainConfig, TrainError, all_reduce_values, build_model, measure, train
 from . import envinfo
 from . import result as results
@@ -215,15 +216,28 @@ def _run(cfg, argv, device, rank, world_size, log) -> Path | None:
     # Training drops the last partial batch, as torchvision's and timm's reference scripts do: a
     # ragged final batch (down to 1 sample) breaks BatchNorm and skews step times. The loader
     # contract itself keeps every sample (drop_last=False); the result records the choice.
-    train_loader = build_loader(cfg.loader, train_dir, train=True, drop_last=True, **common)
+    wants_val = bool(val_dir and cfg.eval and not cfg.loader_only)
+    # What the backend reads for each split, where --storage puts it (uploaded to a bucket for s3).
+    local, (train_src, val_src) = regime.sources(
+        cfg,
+        [train_dir, val_dir if wants_val else None],
+        rank,
+        dist.barrier if world_size > 1 else lambda: None,
+    )
+    probe = regime.Probe(cfg, local, [train_src, val_src])
+    probe.start()
+    train_loader = build_loader(cfg.loader, train_src, train=True, drop_last=True, **common)
     if len(train_loader) == 0:
         train_loader.close()
         raise UsageError(
             f"--batch-size {cfg.batch_size} is larger than this rank's {train_loader.num_samples} "
             f"training samples; lower it"
         )
-    wants_val = val_dir and cfg.eval and not cfg.loader_only
-    val_loader = build_loader(cfg.loader, val_dir, train=False, **common) if wants_val else None
+    if (
+        cfg.storage == "cold" and not cfg.backend.is_ceiling
+    ):  # evicted before every epoch, the validation split's files with them
+        train_loader = regime.Evicting(train_loader, regime.files_of([train_src, val_src]))
+    val_loader = build_loader(cfg.loader, val_src, train=False, **common) if wants_val else None
     monitor = None
     try:
         epochs = cfg.epochs or (math.ceil(cfg.steps / len(train_loader)) if cfg.steps else 1)
@@ -268,8 +282,10 @@ def _run(cfg, argv, device, rank, world_size, log) -> Path | None:
         train_loader.close()
         if val_loader is not None:
             val_loader.close()
+    storage = probe.finish([train_loader, val_loader])
     skipped = len(train_loader.skipped) + (len(val_loader.skipped) if val_loader else 0)
-    skipped = int(all_reduce_values([skipped], device)[0])  # every rank's skips
+    skipped, disk = all_reduce_values([skipped, storage["bytes_read_from_disk"]], device)  # every rank's
+    skipped, storage["bytes_read_from_disk"] = int(skipped), int(disk)
     if rank != 0:
         return None
     config = cfg.record()
@@ -283,6 +299,7 @@ def _run(cfg, argv, device, rank, world_size, log) -> Path | None:
     loader_info = train_loader.describe()
     loader_info["skipped_files"] = (train_loader.skipped + (val_loader.skipped if val_loader else []))[:50]
     data = {
+        "read_from": str(train_src),
         "train": str(train_dir),
         "val": str(val_dir) if val_dir else None,
         "train_samples": train_loader.num_samples * world_size - train_loader.padding,
@@ -304,6 +321,11 @@ def _run(cfg, argv, device, rank, world_size, log) -> Path | None:
             "compute_time_s": outcome.compute,
         },
     )
+    res.metrics.storage = storage
+    if storage.get("staging_s") and outcome.measured_seconds:  # FFCV's real cost: its copy of the bucket
+        storage["images_per_second_with_staging"] = outcome.measured_images / (
+            outcome.measured_seconds + storage["staging_s"]
+        )
     path = results.save(res, cfg.out)
     from rich.console import Console
 

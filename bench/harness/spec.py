@@ -43,6 +43,11 @@ class RunSpec:
     eval_inference_mode: bool = True
     loader_only: bool = False  # fetch batches with no model: the loader's own images/s
     dist_timeout_s: int = 300
+    storage: str = "warm"  # warm | cold (evicted from the page cache each epoch) | s3 (object store)
+    s3_endpoint: str | None = None  # None: a loopback store started by bench
+    s3_bucket: str = "loaderbench"
+    s3_latency_ms: float = 0.0  # first-byte latency added by the shaper in front of an http endpoint
+    s3_mbps: float = 0.0  # per-connection bandwidth cap (megabits/s); 0: none
     out: str = "reports/runs"
     label: str = ""  # free text recorded in the result (sweep, tune and doctor name their runs with it)
 
@@ -69,6 +74,12 @@ class RunSpec:
         return dataclasses.replace(
             self, loader=loader, options=backend.with_techniques(backend.Options(), **techniques)
         )
+
+    def storage_session(self):
+        """The object store this spec reads from, for the life of the command (see bench.storage.store)."""
+        from ..storage import store
+
+        return store.session(self.storage, self.s3_endpoint, self.s3_bucket, self.s3_latency_ms, self.s3_mbps)
 
     def with_options(self, **values) -> RunSpec:
         return dataclasses.replace(self, options=dataclasses.replace(self.options, **values))
@@ -195,6 +206,30 @@ FLAGS: dict[str, tuple[str, dict]] = {
     "dist_timeout_s": (
         "--dist-timeout",
         dict(type=int, help="seconds a rank waits for the others (default 300)"),
+    ),
+    "storage": (
+        "--storage",
+        dict(
+            choices=("warm", "cold", "s3"),
+            help="where the data lives: warm (page cache, default), cold (evicted before each epoch, "
+            "verified), s3 (an object store: a loopback one unless --s3-endpoint)",
+        ),
+    ),
+    "s3_endpoint": (
+        "--s3-endpoint",
+        dict(help="S3-compatible endpoint URL (credentials: the AWS environment); default: loopback moto"),
+    ),
+    "s3_bucket": (
+        "--s3-bucket",
+        dict(help="bucket the data is uploaded to and read from (default loaderbench)"),
+    ),
+    "s3_latency_ms": (
+        "--s3-latency-ms",
+        dict(type=float, help="first-byte latency added to every request (http endpoints; default 0)"),
+    ),
+    "s3_mbps": (
+        "--s3-mbps",
+        dict(type=float, help="bandwidth per connection, megabits/s (default: unlimited)"),
     ),
     "out": ("--out", dict(help="folder for the JSON result (default reports/runs)")),
     "label": ("--label", dict(help="a name recorded in the result (reports group runs by it)")),

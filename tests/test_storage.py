@@ -1,0 +1,288 @@
+"""Where the data lives: page-cache eviction proven with mincore and /proc/<pid>/io, and every
+backend reading from a loopback S3 store (moto) under the contract: class mapping, exact-once on
+one and two ranks. Each object-store fault gives one clear line within a bounded time."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import time
+
+import pytest
+
+from loaders import LoaderError, build_loader, get_backend, objstore, pagecache
+
+from .conftest import available_backends, bench, decode_ids, run_ranks
+from .test_conformance import CASES, collect
+
+pytest.importorskip("moto")
+pytest.importorskip("boto3")
+
+S3_CASES = [c for c in CASES if get_backend(c.values[0]).reads_s3]
+FAST = {"LOADERBENCH_S3_TIMEOUT_S": "2", "LOADERBENCH_S3_ATTEMPTS": "2"}  # faults end in seconds
+
+
+# -- the page cache -------------------------------------------------------------------------------
+
+
+def test_eviction_is_verified_and_cold_reads_come_from_storage(tmp_path):
+    files = []
+    for i in range(4):
+        f = tmp_path / f"f{i}.bin"
+        f.write_bytes(os.urandom(1 << 20))
+        files.append(f)
+    for f in files:
+        f.read_bytes()
+    assert pagecache.resident_fraction(files) > 0.95
+    pagecache.evict(files)
+    assert pagecache.resident_fraction(files) < 0.05
+    before = pagecache.read_bytes()
+    for f in files:
+        f.read_bytes()
+    read = pagecache.read_bytes() - before
+    assert 0.95 * (4 << 20) <= read <= 1.5 * (4 << 20)
+    assert pagecache.resident_fraction(files) > 0.95
+    before = pagecache.read_bytes()  # warm now: nothing more from storage
+    for f in files:
+        f.read_bytes()
+    assert pagecache.read_bytes() - before < (1 << 20)
+
+
+def test_a_reaped_workers_reads_count_for_its_parent(tmp_path):
+    """Cold figures sum DataLoader workers' reads: the kernel adds a reaped child's to its parent."""
+    import multiprocessing
+
+    f = tmp_path / "big.bin"
+    f.write_bytes(os.urandom(2 << 20))
+    pagecache.evict([f])
+    before = pagecache.read_bytes()
+    p = multiprocessing.get_context("fork").Process(target=f.read_bytes)
+    p.start()
+    p.join()
+    assert pagecache.read_bytes() - before >= 0.95 * (2 << 20)
+
+
+def test_bench_run_cold_records_eviction_and_bytes_read(small_data, tmp_path):
+    out = tmp_path / "runs"
+    args = ["run", "--data", str(small_data), "--loader-only", "--epochs", "2", "--warmup-steps", "1"]
+    r = bench(*args, "--storage", "cold", "--batch-size", "32", "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    (result,) = [json.loads(p.read_text()) for p in out.glob("*.json")]
+    storage = result["metrics"]["storage"]
+    assert storage["regime"] == "cold" and result["config"]["storage"] == "cold"
+    assert [e["resident_after"] for e in storage["epochs"]] == [0.0, 0.0]
+    assert storage["epochs"][1]["resident_before"] > 0.9  # epoch 0 had read them all
+    # two cold epochs read the split twice from storage (a little more: the interpreter's own reads)
+    assert (
+        1.9 * storage["dataset_bytes"]
+        <= storage["bytes_read_from_disk"]
+        <= 2 * storage["dataset_bytes"] + (32 << 20)
+    )
+
+
+# -- a loopback object store ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A loopback moto server behind the shaper, for this module (the environment points at it)."""
+    from bench.storage import store
+
+    old = {k: os.environ.get(k) for k in FAST}
+    os.environ.update(FAST)
+    try:
+        with store.session("s3", None, "loaderbench", 0.0, 0.0) as session:
+            yield session
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(scope="module")
+def uploaded(s3, probe):
+    """{(backend, options id, split): URL} of the probe set as each backend reads it, uploaded."""
+    from bench.storage import upload
+
+    def url(name, opts, split):
+        backend = get_backend(name)
+        stored = backend.stored(probe["root"] / split, backend.options(**opts))
+        return upload.upload(stored, "loaderbench", create_bucket=True, progress=False)
+
+    return url
+
+
+@pytest.mark.parametrize("name,opts", S3_CASES)
+def test_every_backend_reads_the_bucket_under_the_contract(name, opts, probe, uploaded):
+    """Class mapping as torchvision's, values normalised, each sample once per epoch, reshuffled."""
+    from torchvision.datasets import ImageFolder
+
+    for split, train in (("train", True), ("val", False)):
+        url = uploaded(name, opts, split)
+        loader = build_loader(name, url, batch_size=4, train=train, image_size=16, device="cpu", **opts)
+        assert list(loader.classes) == ImageFolder(str(probe["root"] / split)).classes
+        orders = []
+        for epoch in range(2):
+            ids, labels, batches = collect(loader, epoch)
+            assert sorted(ids) == sorted(probe[split]), f"{split} epoch {epoch}: not every sample once"
+            assert labels == [probe[split][i] for i in ids]
+            assert batches == len(loader)
+            orders.append(ids)
+        assert (orders[0] != orders[1]) == train
+        loader.close()
+
+
+def _rank_worker(rank, world, port, name, opts, urls, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        record = {}
+        for split, train in (("train", True), ("val", False)):
+            loader = build_loader(
+                name, urls[split], batch_size=3, train=train, image_size=16, device="cpu", **opts
+            )
+            record[split] = {"padding": loader.padding, "epochs": [collect(loader, e)[0] for e in range(2)]}
+            loader.close()
+        (out / f"rank{rank}.json").write_text(json.dumps(record))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name,opts", S3_CASES)
+def test_exact_once_on_two_ranks_from_the_bucket(name, opts, probe, uploaded, tmp_path):
+    urls = {split: uploaded(name, opts, split) for split in ("train", "val")}
+    run_ranks(_rank_worker, 2, name, opts, urls, tmp_path)
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for split in ("train", "val"):
+        for epoch in range(2):
+            seen = collections.Counter(i for rec in records for i in rec[split]["epochs"][epoch])
+            assert set(seen) == set(probe[split])
+            assert sum(seen.values()) - len(probe[split]) == records[0][split]["padding"]
+
+
+def test_bench_run_wds_from_s3_counts_requests(small_data, tmp_path):
+    """`bench run --loader wds --storage s3`: the store started, the shards uploaded, streamed whole
+    (a request or two per shard, not one per image), and the shaper's counts in the result."""
+    out = tmp_path / "runs"
+    args = ["run", "--loader", "wds", "--data", str(small_data), "--storage", "s3", "--loader-only"]
+    r = bench(*args, "--batch-size", "32", "--warmup-steps", "1", "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    (result,) = [json.loads(p.read_text()) for p in out.glob("*.json")]
+    storage = result["metrics"]["storage"]
+    shards = result["loader"]["shards"]
+    assert storage["urls"][0].startswith("s3://loaderbench/")
+    assert 1 <= storage["requests"] <= 2 * shards + 10  # listing + manifests + one GET per shard
+    assert (
+        storage["bytes_from_store"] >= 0.95 * storage["dataset_bytes"]
+    )  # the shards (not their .idx) came over
+
+
+# -- faults ---------------------------------------------------------------------------------------
+
+
+def _endpoint_env(monkeypatch, url):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+    for k, v in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", **FAST}.items():
+        monkeypatch.setenv(k, v)
+
+
+@pytest.mark.parametrize("name", [n for n in ("torch", "wds", "dali") if n in available_backends()])
+def test_store_killed_mid_epoch_is_one_line_naming_the_endpoint(name, small_data, tmp_cache, monkeypatch):
+    """160 images in batches of 2, read in order: far more than any backend has read ahead."""
+    from bench.storage import store, upload
+
+    with store.moto_server() as (url, proc):
+        _endpoint_env(monkeypatch, url)
+        backend = get_backend(name)
+        opts = {
+            "torch": dict(num_workers=2),
+            "wds": dict(num_workers=1, shard_samples=16),
+            "dali": dict(num_threads=2),
+        }[name]
+        stored = backend.stored(small_data / "train", backend.options(**opts))
+        data = upload.upload(stored, "loaderbench", create_bucket=True, progress=False)
+        loader = build_loader(name, data, batch_size=2, train=False, image_size=16, device="cpu", **opts)
+        it = iter(loader)
+        next(it)
+        proc.kill()
+        proc.wait()
+        start = time.monotonic()
+        with pytest.raises(LoaderError, match=f"object store at {url}|endpoint {url}"):
+            for _ in it:
+                pass
+        assert time.monotonic() - start < 30
+        loader.close()
+
+
+def test_missing_object_bucket_and_timeout(s3, probe, uploaded, monkeypatch):
+    url = uploaded("torch", {}, "val")
+    key = objstore.split(url)[1] + "/bee/img_024.jpg"
+    loader = build_loader("torch", url, batch_size=4, train=False, image_size=16, device="cpu")
+    skipping = build_loader(
+        "torch", url, batch_size=4, train=False, image_size=16, device="cpu", on_bad_sample="skip"
+    )
+    objstore.client().delete_object(Bucket="loaderbench", Key=key)  # listed, then gone
+    with pytest.raises(LoaderError, match=f"object s3://loaderbench/{key} not found"):
+        list(loader)
+    assert sum(len(y) for _, y in skipping) == len(probe["val"]) - 1
+    assert skipping.skipped == [f"s3://loaderbench/{key}"]
+
+    with pytest.raises(LoaderError, match="bucket 'no-such-bucket' does not exist"):
+        build_loader("torch", "s3://no-such-bucket/x", batch_size=4, train=False)
+    with pytest.raises(LoaderError, match="no images under s3://loaderbench/nothing-here"):
+        build_loader("torch", "s3://loaderbench/nothing-here", batch_size=4, train=False)
+
+    from bench.storage import store
+
+    with store.shaper(s3["endpoint"], latency_ms=3000) as slow:  # every answer after 3 s; timeout 1 s
+        monkeypatch.setenv("AWS_ENDPOINT_URL", slow)
+        monkeypatch.setenv("LOADERBENCH_S3_TIMEOUT_S", "1")
+        start = time.monotonic()
+        with pytest.raises(LoaderError, match=r"no answer within 1 s, 2 attempt"):
+            objstore.get(url.rsplit("/", 1)[0] + "/x")
+        assert time.monotonic() - start < 15
+
+
+def test_wrong_credentials_are_named(monkeypatch):
+    from bench.storage import store
+
+    # moto checks signatures only when told to: from its first request on, here
+    with store.moto_server(env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"}) as (url, _):
+        _endpoint_env(monkeypatch, url)
+        with pytest.raises(LoaderError, match="refused the credentials .*AWS_ACCESS_KEY_ID"):
+            build_loader("torch", "s3://loaderbench/train", batch_size=4, train=False)
+
+
+def test_interrupted_upload_leaves_nothing_behind(s3, small_data, monkeypatch):
+    from botocore.exceptions import EndpointConnectionError
+
+    from bench.storage import upload
+
+    client = objstore.client()
+    real, calls = client.put_object, []
+
+    def failing(**kw):
+        calls.append(kw["Key"])
+        if len(calls) == 20:
+            raise EndpointConnectionError(endpoint_url=s3["url"])
+        return real(**kw)
+
+    monkeypatch.setattr(client, "put_object", failing)
+    with pytest.raises(LoaderError, match="cannot reach the object store"):
+        upload.upload(small_data / "val", "loaderbench", create_bucket=True, progress=False, threads=1)
+    url = f"s3://loaderbench/{upload.key_for(small_data / 'val')}"
+    assert objstore.listing(url) == {}
+    assert not objstore.exists(upload.manifest_url(url))
+    monkeypatch.undo()
+    assert upload.upload(small_data / "val", "loaderbench", progress=False) == url  # and a retry completes
+    assert objstore.exists(upload.manifest_url(url))
+
+
+def test_decoded_ids_from_the_bucket_match_the_files(probe, uploaded):
+    """A sample's image is that sample's object: decode_ids of the first batch names its labels' files."""
+    url = uploaded("torch", {}, "val")
+    images, labels = next(
+        iter(build_loader("torch", url, batch_size=9, train=False, image_size=16, device="cpu"))
+    )
+    assert [probe["val"][i] for i in decode_ids(images)] == labels.tolist()
