@@ -42,6 +42,16 @@ def _median(values):
     return statistics.median(values) if values else None
 
 
+def regime_of(r: Result) -> str:
+    """Where the run's data lived: warm, cold, or s3 with its shaping (results before regimes: warm)."""
+    c = r.config
+    regime = c.get("storage", "warm")
+    if regime != "s3":
+        return regime
+    shaping = f" {c.get('s3_latency_ms', 0):g} ms" + (f" {c['s3_mbps']:g} Mb/s" if c.get("s3_mbps") else "")
+    return f"s3{shaping}"
+
+
 def signature(r: Result) -> tuple:
     """What makes two runs the same configuration (trials of one thing)."""
     c = r.config
@@ -59,6 +69,7 @@ def signature(r: Result) -> tuple:
         c["batch_size"],
         c["image_size"],
         str(res),
+        regime_of(r),
     )
 
 
@@ -320,11 +331,11 @@ def plot_workers(results: dict[str, Result], folder: Path) -> list[str]:
 def runs_table(results: dict[str, Result]) -> list[str]:
     lines = [
         "| label | mode | loader | options | amp / channels_last / compile | ranks | storage px | images/s median "
-        "| min - max | trials | data wait | val acc | CPU % (process) | peak RSS MiB | GPU util % |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| min - max | trials | data wait | val acc | CPU % (process) | peak RSS MiB | GPU util % | storage |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for sig, g in sorted(groups_of(results).items(), key=lambda kv: str(kv[0])):
-        label, mode, loader, opts, amp, cl, comp, ranks, _, _, res = sig
+        label, mode, loader, opts, amp, cl, comp, ranks, _, _, res, regime = sig
         ips = g.ips
         acc, cpu, rss, gpu = (
             g.median(MEDIANS[k]) for k in ("val_acc", "cpu_pct", "peak_rss_mib", "gpu_util")
@@ -335,7 +346,46 @@ def runs_table(results: dict[str, Result]) -> list[str]:
             f"{statistics.median(ips):,.1f} | {min(ips):,.1f} - {max(ips):,.1f} | {len(ips)} | "
             f"{_pct(g.median(lambda r: r.metrics.data_wait_share))} | "
             f"{'-' if acc is None else f'{acc:.3f}'} | {'-' if cpu is None else f'{cpu:.0f}'} | "
-            f"{'-' if rss is None else f'{rss:,.0f}'} | {'-' if gpu is None else f'{gpu:.0f}'} |"
+            f"{'-' if rss is None else f'{rss:,.0f}'} | {'-' if gpu is None else f'{gpu:.0f}'} | {regime} |"
+        )
+    return lines
+
+
+def _regime_order(regime: str) -> tuple:
+    kind = regime.split()[0]
+    latency = float(regime.split()[1]) if kind == "s3" and len(regime.split()) > 1 else 0.0
+    return ({"warm": 0, "cold": 1}.get(kind, 2), latency, regime)
+
+
+def regimes_table(results: dict[str, Result]) -> list[str]:
+    """Each backend in each storage regime: loader-only and end-to-end images/s (median, range,
+    trials), data wait, and what the storage served (medians over the loader-only trials)."""
+    cells: dict = collections.defaultdict(lambda: {"lo": [], "e2e": []})
+    for r in results.values():
+        cells[(r.config["loader"], regime_of(r))]["lo" if r.loader_only else "e2e"].append(r)
+    mb = lambda v: "-" if v is None else f"{v / 1e6:,.0f}"  # noqa: E731
+
+    def rate(runs):
+        ips = [r.ips for r in runs]
+        if not ips:
+            return "-"
+        return f"{statistics.median(ips):,.0f} ({min(ips):,.0f}-{max(ips):,.0f}, n={len(ips)})"
+
+    lines = [
+        "| backend | storage | loader-only img/s (range, trials) | end-to-end img/s (range, trials) | data wait "
+        "(e2e) | MB read from disk | requests | MB from store | staging s | e2e img/s with staging |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (loader, regime), c in sorted(cells.items(), key=lambda kv: (kv[0][0], _regime_order(kv[0][1]))):
+        lo, e2e = c["lo"], c["e2e"]
+        st = lambda key, runs=lo: _median([r.metrics.storage.get(key) for r in runs])  # noqa: E731
+        staged = st("staging_s")
+        wait = _median([r.metrics.data_wait_share for r in e2e])
+        with_staging = _median([r.metrics.storage.get("images_per_second_with_staging") for r in e2e])
+        lines.append(
+            f"| {loader} | {regime} | {rate(lo)} | {rate(e2e)} | {_pct(wait) if e2e else '-'} | "
+            f"{mb(st('bytes_read_from_disk'))} | {_x(st('requests'), ',.0f', '')} | {mb(st('bytes_from_store'))} | "
+            f"{_x(staged, '.1f', '')} | {_x(with_staging, ',.0f', '')} |"
         )
     return lines
 
@@ -460,6 +510,19 @@ def render(folder: Path | str, title: str | None = None, command: str | None = N
         lines.append("")
     if "doctor.json" in docs:
         lines += ["## `bench doctor`", "", "```", *docs["doctor.json"]["verdict"].splitlines(), "```", ""]
+    if len({regime_of(r) for r in results.values()}) > 1:
+        lines += [
+            "## Storage regimes",
+            "",
+            "*warm*: the files read once before the run; *cold*: evicted from the page cache before every "
+            "epoch (verified with mincore); *s3 N ms*: a loopback moto server behind a shaper adding N ms "
+            "before every request's first byte. Bytes read from disk: /proc/<pid>/io of the run's processes; "
+            "requests and MB from the store: counted by the shaper (loader-only trials; listing and manifest "
+            "requests included). Staging: the copy FFCV needs on local disk before it can read.",
+            "",
+            *regimes_table(results),
+            "",
+        ]
     plots += plot_workers(results, folder)
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
