@@ -131,6 +131,30 @@ def _convert_parser(sub) -> None:
     p.add_argument("--workers", type=int, help="processes (default: all cores)")
 
 
+def _upload_parser(sub) -> None:
+    p = sub.add_parser(
+        "upload",
+        help="put what a backend reads into an S3 bucket (once; manifest last)",
+        description="Upload the train and val splits as --loader reads them (its stored format, converted "
+        "first if needed) to --s3-bucket; `bench run --storage s3` then reads them. Without --s3-endpoint "
+        "the loopback store lives only as long as this command: useful to check an upload, not to keep it.",
+    )
+    add_flags(p, fields=("loader", "data", "s3_endpoint", "s3_bucket"), knobs=False)
+
+
+def cmd_upload(args) -> int:
+    from .harness.runner import resolve_data
+    from .storage import upload
+
+    spec = _default_data(RunSpec.from_args(args, storage="s3"))
+    with spec.storage_session():
+        for split in resolve_data(spec):
+            if split is not None:
+                stored = spec.backend.stored(split, spec.options)
+                print(upload.upload(stored, spec.s3_bucket, create_bucket=spec.s3_endpoint is None))
+    return 0
+
+
 def cmd_convert(args) -> int:
     from loaders import get_backend
 
@@ -369,6 +393,7 @@ def parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     _synth_parser(data_sub)
     _convert_parser(data_sub)
+    _upload_parser(data_sub)
     sub.add_parser("backends", help="list the loader backends and whether each is installed")
     _harness_parsers(sub)
     _report_parsers(sub)
@@ -416,7 +441,7 @@ def _main(argv: list[str]) -> int:
             with spec.storage_session():
                 return with_argv[args.command](args, argv)
         if args.command == "data":
-            return cmd_synth(args) if args.data_command == "synth" else cmd_convert(args)
+            return {"synth": cmd_synth, "convert": cmd_convert, "upload": cmd_upload}[args.data_command](args)
         return {"report": cmd_report, "compare": cmd_compare, "backends": cmd_backends}[args.command](args)
     except (LoaderError, BenchError) as exc:
         if not _during_interrupt(exc):

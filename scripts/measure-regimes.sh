@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The storage regimes table: torch, dali, ffcv, wds x (warm, cold, s3 at 0, 10 and 50 ms first-byte
+# The storage regimes table: torch, dali (files; and dali-wds: its webdataset reader), ffcv, wds x (warm, cold, s3 at 0, 10 and 50 ms first-byte
 # latency), loader only and end to end (small CNN), default generated set, batch 32, 2 workers /
 # threads, 5 warm-up + 15 measured steps (480 of the 1,600 training images are read per run, so a
 # cold run's reads are that share of the split). Fresh `bench run` processes; the backend order is
@@ -20,18 +20,21 @@ MOTO=$!
 trap 'kill $MOTO 2>/dev/null || true' EXIT
 until curl -s "http://127.0.0.1:$PORT/moto-api/" > /dev/null; do sleep 0.2; done
 "$PY" -c "import boto3; boto3.client('s3', endpoint_url='http://127.0.0.1:$PORT').create_bucket(Bucket='loaderbench')"
-declare -A OPT=([torch]="-o num_workers=2" [dali]="-o num_threads=2" [ffcv]="-o num_workers=2" [wds]="-o num_workers=2")
+# variant -> loader and options (dali-wds: DALI's webdataset reader over the wds shards)
+declare -A OPT=([torch]="--loader torch -o num_workers=2" [dali]="--loader dali -o num_threads=2"
+                [dali-wds]="--loader dali -o num_threads=2 -o reader=wds" [ffcv]="--loader ffcv -o num_workers=2"
+                [wds]="--loader wds -o num_workers=2")
 REGIMES=("--storage warm" "--storage cold" "--storage s3 --s3-latency-ms 0" "--storage s3 --s3-latency-ms 10"
          "--storage s3 --s3-latency-ms 50")
 for t in $(seq "$TRIALS"); do
-  order=(torch dali ffcv wds); (( t % 2 )) || order=(wds ffcv dali torch)
+  order=(torch dali dali-wds ffcv wds); (( t % 2 )) || order=(wds ffcv dali-wds dali torch)
   for regime in "${REGIMES[@]}"; do
     extra=""; [[ $regime == *s3* ]] && extra="--s3-endpoint http://127.0.0.1:$PORT"
     for name in "${order[@]}"; do
       for mode in "--loader-only" "--model small --no-eval"; do
         echo "trial $t: $name $regime $mode" >&2
         # a failed run is a missing trial in the table (its error is in failures.log), not the end
-        (cd "$REPO" && PYTHONPATH="$REPO" "$PY" -m bench.cli run --loader "$name" ${OPT[$name]} --data "$DATA" \
+        (cd "$REPO" && PYTHONPATH="$REPO" "$PY" -m bench.cli run ${OPT[$name]} --label "$name" --data "$DATA" \
           $regime $extra $mode --batch-size 32 --steps 20 --warmup-steps 5 --out "$OUT/runs" > /dev/null 2>> "$OUT/failures.log") \
           || echo "trial $t: $name $regime $mode failed" >> "$OUT/failures.log"
       done
@@ -39,4 +42,4 @@ for t in $(seq "$TRIALS"); do
   done
 done
 "$PY" -m bench.cli report "$OUT" --title "Storage regimes on the 2-core CPU box" \
-  --produced-by "bash scripts/measure-regimes.sh $* (each run: bench run --loader NAME -o workers=2 --storage ... --batch-size 32 --steps 20 --warmup-steps 5)"
+  --command "bash scripts/measure-regimes.sh $* (each run: bench run --loader NAME -o num_workers|num_threads=2 --storage ... --batch-size 32 --steps 20 --warmup-steps 5)"

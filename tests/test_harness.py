@@ -267,7 +267,9 @@ def test_a_tiny_sweep_skips_a_missing_backend_and_reports(small_data, tmp_path, 
     fake = copy.copy(registry.BACKENDS["dali"])
     object.__setattr__(fake, "requires", ("no_such_module_xyz",))
     monkeypatch.setitem(registry.BACKENDS, "dali", fake)
-    spec = RunSpec(data=str(small_data), batch_size=16, image_size=48, steps=6, warmup_steps=2)
+    spec = RunSpec(
+        data=str(small_data), batch_size=16, image_size=48, steps=6, warmup_steps=2, storage="cold"
+    )
     s = Settings(spec=spec, trials=1, workers=1, techniques=("workers", "dali"))
     out = tmp_path / "sw"
     Sweep(s, out, ["bench", "sweep"], log=lambda *a: None).run()
@@ -275,6 +277,11 @@ def test_a_tiny_sweep_skips_a_missing_backend_and_reports(small_data, tmp_path, 
     steps = {st["key"]: st for st in doc["steps"]}
     assert steps["baseline"]["status"] == "ok" and steps["workers"]["status"] == "ok"
     assert steps["dali"]["status"] == "skipped" and "not installed" in steps["dali"]["reason"]
+    # --storage cold reaches every step: each evicted the data before its epoch, and says so
+    measured = [r for r in report.results_in(out).values() if r.config["loader"] != "synthetic"]
+    assert len(measured) >= 2
+    for r in measured:
+        assert r.config["storage"] == "cold" and r.metrics.storage["epochs"][0]["resident_after"] < 0.05
     text = report.render(out).read_text()
     assert "| dali | loader swap: dali | skipped:" in text
     with pytest.raises(Exception, match="already holds a sweep"):

@@ -97,6 +97,53 @@ def verdict(
     return "\n".join(lines), tries
 
 
+def storage_verdict(
+    spec: RunSpec, regime_ips: float, warm_ips: float | None, ceiling: float, storage: dict
+) -> tuple[list[str], list[str]]:
+    """(lines, things to try) about where the data lives: the read rate the loader reached from this
+    storage against what the model needs, and what would close the gap."""
+    regime = spec.storage
+    if regime == "warm" or warm_ips is None:
+        return [
+            "storage: warm page cache; this says nothing about a first epoch from disk or a bucket "
+            "(--storage cold or --storage s3)"
+        ], []
+    images = storage.get("images") or 1
+    moved = storage.get("bytes_from_store") if regime == "s3" else storage.get("bytes_read_from_disk")
+    per_image = (moved or 0) / images
+    lines = [
+        f"storage: {regime}: {spec.loader} alone reads {regime_ips:,.1f} img/s "
+        f"({regime_ips * per_image / 1e6:,.1f} MB/s) against {warm_ips:,.1f} img/s from a warm cache; the "
+        f"model needs {ceiling:,.1f} img/s ({ceiling * per_image / 1e6:,.1f} MB/s)"
+    ]
+    tries: list[str] = []
+    if regime_ips >= 0.9 * warm_ips:
+        lines.append("storage verdict: not the limit (within 10% of the warm rate)")
+        return lines, tries
+    lines.append(
+        f"storage verdict: STORAGE-BOUND: {warm_ips / regime_ips:.1f}x slower than from a warm cache"
+    )
+    requests = storage.get("requests")
+    if regime == "s3" and requests is not None:
+        per = requests / images
+        lines.append(f"{requests:,} requests for {images:,} images ({per:.2f} per image)")
+        if per > 0.5:
+            tries.append(
+                "shards: --loader wds streams whole shards, one request per shard instead of per image"
+            )
+        if "s3_requests" in {f.name for f in dataclasses.fields(spec.options)}:
+            tries.append(
+                f"more requests in flight: -o s3_requests={2 * spec.options.s3_requests} (per worker)"
+            )
+        tries.append("local staging: copy the bucket to a local disk once (as ffcv does) when it fits")
+    if regime == "cold":
+        tries.append("fewer, larger sequential reads: shards (--loader wds) or a .beton (--loader ffcv)")
+        tries.append(
+            "a page cache that holds the data (RAM above the dataset size) makes every epoch after the first warm"
+        )
+    return lines, tries
+
+
 def diagnose(
     spec: RunSpec, out: Path, command: list[str], workers: int = 0, quick: bool = False, log=print
 ) -> dict:
@@ -111,6 +158,10 @@ def diagnose(
         "end_to_end": tested,
         "loader_only": dataclasses.replace(tested, loader_only=True),
     }
+    if spec.storage != "warm":  # the same loader from a warm cache: what the storage costs
+        probes["loader_only_warm"] = dataclasses.replace(
+            probes["loader_only"], storage="warm", s3_endpoint=None, s3_latency_ms=0.0, s3_mbps=0.0
+        )
     if not quick:
         for b in backends():
             if not b.is_ceiling and b.name != spec.loader and b.installed:
@@ -131,6 +182,11 @@ def diagnose(
         if key not in measured:
             raise DoctorError(f"the {key.replace('_', ' ')} probe failed: {errors.get(key)}")
     alts = {k[4:]: m.images_per_second for k, m in measured.items() if k.startswith("alt_")}
+    lo = measured["loader_only"]
+    warm = measured.get("loader_only_warm")
+    storage = dict(
+        lo.storage or {}, images=(lo.steps or 0) * spec.batch_size or lo.measured_images
+    )  # all read
     text, tries = verdict(
         spec.loader,
         measured["ceiling"].images_per_second,
@@ -142,6 +198,19 @@ def diagnose(
         spec.amp,
         workers,
         cores,
+    )
+    s_lines, s_tries = storage_verdict(
+        spec,
+        lo.images_per_second,
+        warm.images_per_second if warm else None,
+        measured["ceiling"].images_per_second,
+        storage,
+    )
+    text += "\n" + "\n".join(s_lines)
+    tries = (
+        s_tries + tries
+        if s_tries and lo.images_per_second < INPUT_BOUND * measured["ceiling"].images_per_second
+        else tries + s_tries
     )
     if tries:
         text += "\ntry first: " + tries[0] + "".join(f"\nthen: {t}" for t in tries[1:])

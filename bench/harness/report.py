@@ -357,12 +357,24 @@ def _regime_order(regime: str) -> tuple:
     return ({"warm": 0, "cold": 1}.get(kind, 2), latency, regime)
 
 
+def _outside_cpu(r: Result) -> float | None:
+    """Cores busy outside the run's own processes (a loopback object store and its shaper, here)."""
+    system, own = (
+        r.metrics.resource("system_cpu_percent_mean"),
+        r.metrics.resource("process_cpu_percent_mean"),
+    )
+    cores = r.metrics.resource("cpu_count")
+    if None in (system, own, cores):
+        return None
+    return max(0.0, (system * cores - own) / 100)
+
+
 def regimes_table(results: dict[str, Result]) -> list[str]:
     """Each backend in each storage regime: loader-only and end-to-end images/s (median, range,
     trials), data wait, and what the storage served (medians over the loader-only trials)."""
     cells: dict = collections.defaultdict(lambda: {"lo": [], "e2e": []})
-    for r in results.values():
-        cells[(r.config["loader"], regime_of(r))]["lo" if r.loader_only else "e2e"].append(r)
+    for r in results.values():  # a label names a variant of a backend (dali-wds: dali reading shards)
+        cells[(r.label or r.config["loader"], regime_of(r))]["lo" if r.loader_only else "e2e"].append(r)
     mb = lambda v: "-" if v is None else f"{v / 1e6:,.0f}"  # noqa: E731
 
     def rate(runs):
@@ -373,8 +385,9 @@ def regimes_table(results: dict[str, Result]) -> list[str]:
 
     lines = [
         "| backend | storage | loader-only img/s (range, trials) | end-to-end img/s (range, trials) | data wait "
-        "(e2e) | MB read from disk | requests | MB from store | staging s | e2e img/s with staging |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "(e2e) | CPU outside the run (cores, e2e) | MB read from disk | requests | MB from store | staging s "
+        "| e2e img/s with staging |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (loader, regime), c in sorted(cells.items(), key=lambda kv: (kv[0][0], _regime_order(kv[0][1]))):
         lo, e2e = c["lo"], c["e2e"]
@@ -382,8 +395,10 @@ def regimes_table(results: dict[str, Result]) -> list[str]:
         staged = st("staging_s")
         wait = _median([r.metrics.data_wait_share for r in e2e])
         with_staging = _median([r.metrics.storage.get("images_per_second_with_staging") for r in e2e])
+        outside = _median([_outside_cpu(r) for r in e2e])
         lines.append(
             f"| {loader} | {regime} | {rate(lo)} | {rate(e2e)} | {_pct(wait) if e2e else '-'} | "
+            f"{_x(outside, '.2f', '')} | "
             f"{mb(st('bytes_read_from_disk'))} | {_x(st('requests'), ',.0f', '')} | {mb(st('bytes_from_store'))} | "
             f"{_x(staged, '.1f', '')} | {_x(with_staging, ',.0f', '')} |"
         )
@@ -518,7 +533,9 @@ def render(folder: Path | str, title: str | None = None, command: str | None = N
             "epoch (verified with mincore); *s3 N ms*: a loopback moto server behind a shaper adding N ms "
             "before every request's first byte. Bytes read from disk: /proc/<pid>/io of the run's processes; "
             "requests and MB from the store: counted by the shaper (loader-only trials; listing and manifest "
-            "requests included). Staging: the copy FFCV needs on local disk before it can read.",
+            "requests included). Staging: the copy FFCV needs on local disk before it can read. CPU outside the "
+            "run: the machine's busy cores less the run's own processes (the loopback store and shaper share "
+            "these cores with the run).",
             "",
             *regimes_table(results),
             "",

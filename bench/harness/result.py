@@ -247,6 +247,27 @@ def load(path: Path | str) -> Result:
         raise ResultError(f"{path} is not a readable {SCHEMA} result: {exc}") from None
 
 
+def storage_line(s: dict) -> str:
+    """Where the data lived and what the storage served, in one line."""
+    parts = [s.get("regime", "warm")]
+    store = s.get("object_store")
+    if store:
+        parts[0] += f" ({store['latency_ms']:g} ms added)" if store.get("latency_ms") else ""
+    if s.get("epochs"):
+        parts.append(
+            "resident after eviction " + ", ".join(f"{e['resident_after']:.0%}" for e in s["epochs"])
+        )
+    if s.get("bytes_read_from_disk") is not None:
+        parts.append(f"{s['bytes_read_from_disk'] / 1e6:,.1f} MB read from disk")
+    if s.get("requests") is not None:
+        parts.append(
+            f"{s['requests']:,} requests, {s.get('bytes_from_store', 0) / 1e6:,.1f} MB from the store"
+        )
+    if s.get("staging_s") is not None:
+        parts.append(f"staged in {s['staging_s']:.1f} s")
+    return "; ".join(parts)
+
+
 def table(result: Result, path: Path | None = None):
     """A short rich table of one result."""
     from rich.markup import escape
@@ -275,6 +296,8 @@ def table(result: Result, path: Path | None = None):
         ("val loss / accuracy", f"{fmt(m.final_val_loss, '.4f')} / {fmt(m.final_val_accuracy, '.3f')}"),
         ("skipped bad samples", str(m.skipped_samples)),
     ]
+    if m.storage:
+        rows.append(("storage", storage_line(m.storage)))
     if path is not None:
         rows.append(("result", str(path)))
     for k, v in rows:
