@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The storage regimes table: torch, dali (files; and dali-wds: its webdataset reader), ffcv, wds x (warm, cold, s3 at 0, 10 and 50 ms first-byte
-# latency), loader only and end to end (small CNN), default generated set, batch 32, 2 workers /
-# threads, 5 warm-up + 15 measured steps (480 of the 1,600 training images are read per run, so a
-# cold run's reads are that share of the split). Fresh `bench run` processes; the backend order is
-# reversed on even trials. One moto server serves every s3 run (data uploaded once, as a real
-# bucket holds it); each run puts its own shaper in front of it. Then `bench report` renders it.
+# The storage regimes table: torch, dali (files; dali-wds: its webdataset reader over the shards),
+# ffcv, wds x (warm, cold, s3 at 0, 10 and 50 ms first-byte latency), loader only and end to end
+# (small CNN, no evaluation), default generated set, one epoch (1,600 images: a cold run reads the
+# whole split once), batch 32, 2 workers / threads, 5 warm-up steps. Fresh `bench run` processes;
+# the order of the variants is reversed on even trials. One moto server serves every s3 run (the
+# data uploaded once, as a real bucket holds it); each run puts its own shaper in front of it.
+# Then `bench report` renders it (about 50 minutes for 2 trials on the 2-core box).
 #   bash scripts/measure-regimes.sh [OUT] [TRIALS] [REPO]   (REPO: a checkout to measure; default here)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,11 +36,11 @@ for t in $(seq "$TRIALS"); do
         echo "trial $t: $name $regime $mode" >&2
         # a failed run is a missing trial in the table (its error is in failures.log), not the end
         (cd "$REPO" && PYTHONPATH="$REPO" "$PY" -m bench.cli run ${OPT[$name]} --label "$name" --data "$DATA" \
-          $regime $extra $mode --batch-size 32 --steps 20 --warmup-steps 5 --out "$OUT/runs" > /dev/null 2>> "$OUT/failures.log") \
+          $regime $extra $mode --batch-size 32 --epochs 1 --warmup-steps 5 --out "$OUT/runs" > /dev/null 2>> "$OUT/failures.log") \
           || echo "trial $t: $name $regime $mode failed" >> "$OUT/failures.log"
       done
     done
   done
 done
 "$PY" -m bench.cli report "$OUT" --title "Storage regimes on the 2-core CPU box" \
-  --command "bash scripts/measure-regimes.sh $* (each run: bench run --loader NAME -o num_workers|num_threads=2 --storage ... --batch-size 32 --steps 20 --warmup-steps 5)"
+  --command "bash scripts/measure-regimes.sh $* (each run: bench run --loader NAME -o num_workers|num_threads=2 --storage ... --batch-size 32 --epochs 1 --warmup-steps 5)"

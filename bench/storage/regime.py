@@ -112,6 +112,10 @@ class Probe:
         if stats and self.stats0:
             self.record["requests"] = stats["requests"] - self.stats0["requests"]
             self.record["bytes_from_store"] = stats["response_bytes"] - self.stats0["response_bytes"]
+            before = self.stats0.get("methods", {})
+            self.record["requests_by_method"] = {
+                m: n - before.get(m, 0) for m, n in stats.get("methods", {}).items() if n > before.get(m, 0)
+            }
         evicting = [lo for lo in loaders if isinstance(lo, Evicting)]
         if evicting:
             self.record["epochs"] = evicting[0].epochs

@@ -23,7 +23,7 @@ class Shaper:
         self.upstream = upstream
         self.latency = latency_ms / 1e3
         self.bytes_per_s = mbps * 1e6 / 8 if mbps > 0 else 0.0
-        self.stats = {"requests": 0, "response_bytes": 0, "request_bytes": 0, "connections": 0}
+        self.stats = {"requests": 0, "response_bytes": 0, "request_bytes": 0, "connections": 0, "methods": {}}
         self.tasks: set[asyncio.Task] = set()  # asyncio keeps only weak references to running tasks
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -67,6 +67,8 @@ class Shaper:
                 await writer.drain()
                 continue
             self.stats["requests"] += 1
+            method = head.split(b" ", 1)[0].decode("ascii", "replace")
+            self.stats["methods"][method] = self.stats["methods"].get(method, 0) + 1
             length, chunked = 0, False
             for line in head.split(b"\r\n")[1:]:
                 name, _, value = line.partition(b":")
