@@ -8,6 +8,7 @@ import collections
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -63,6 +64,22 @@ def test_a_reaped_workers_reads_count_for_its_parent(tmp_path):
     assert pagecache.read_bytes() - before >= 0.95 * (2 << 20)
 
 
+def test_cold_refuses_a_filesystem_that_keeps_its_pages(tmp_path):
+    """tmpfs pages cannot be evicted: a "cold" figure there would be a warm one."""
+    import tempfile
+
+    from bench.errors import UsageError
+    from bench.storage.regime import Evicting
+
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm here")
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        f = Path(shm) / "x.bin"
+        f.write_bytes(os.urandom(1 << 20))
+        with pytest.raises(UsageError, match="stayed in the page cache after eviction"):
+            Evicting(object(), [f]).set_epoch(0)
+
+
 def test_bench_run_cold_records_eviction_and_bytes_read(small_data, tmp_path):
     out = tmp_path / "runs"
     args = ["run", "--data", str(small_data), "--loader-only", "--epochs", "2", "--warmup-steps", "1"]
@@ -110,6 +127,38 @@ def uploaded(s3, probe):
         return upload.upload(stored, "loaderbench", create_bucket=True, progress=False)
 
     return url
+
+
+def test_the_shaper_delays_paces_and_counts(s3, small_data):
+    """Lower bounds only (shaping can only slow a request down): 5 GETs one after another each wait
+    the latency; 1 MB at 8 megabits/s takes a second; every request is counted by method."""
+    from bench.storage import store, upload
+
+    url = upload.upload(small_data / "val", "loaderbench", create_bucket=True, progress=False)
+    key = sorted(objstore.listing(url))[0]
+    big = objstore.join(url, "one-megabyte.bin")
+    b, k = objstore.split(big)
+    objstore.client().put_object(Bucket=b, Key=k, Body=os.urandom(1 << 20))
+    with store.shaper(s3["endpoint"], latency_ms=200) as slow:
+        os.environ["AWS_ENDPOINT_URL"], before = slow, store.shaper_stats(slow)
+        try:
+            start = time.monotonic()
+            for _ in range(5):
+                objstore.get(objstore.join(url, key))
+            assert time.monotonic() - start >= 5 * 0.2
+            after = store.shaper_stats(slow)
+        finally:
+            os.environ["AWS_ENDPOINT_URL"] = s3["url"]
+    assert after["requests"] - before["requests"] == 5 and after["methods"]["GET"] == 5
+    with store.shaper(s3["endpoint"], mbps=8) as narrow:
+        os.environ["AWS_ENDPOINT_URL"] = narrow
+        try:
+            start = time.monotonic()
+            assert len(objstore.get(big)) == 1 << 20
+            assert time.monotonic() - start >= 0.9
+            assert store.shaper_stats(narrow)["response_bytes"] >= 1 << 20
+        finally:
+            os.environ["AWS_ENDPOINT_URL"] = s3["url"]
 
 
 @pytest.mark.parametrize("name,opts", S3_CASES)
@@ -227,6 +276,38 @@ def test_store_killed_mid_epoch_is_one_line_naming_the_endpoint(name, small_data
                 pass
         assert time.monotonic() - start < 30
         loader.close()
+
+
+@pytest.mark.skipif("ffcv" not in available_backends(), reason="ffcv not installed")
+def test_ffcv_staging_from_a_dead_store_leaves_nothing(probe, tmp_cache, monkeypatch):
+    from bench.storage import store, upload
+
+    with store.moto_server() as (url, proc):
+        _endpoint_env(monkeypatch, url)
+        beton = get_backend("ffcv").stored(probe["root"] / "val", get_backend("ffcv").options())
+        data = upload.upload(beton, "loaderbench", create_bucket=True, progress=False)
+        proc.kill()
+        proc.wait()
+        with pytest.raises(LoaderError, match=f"cannot reach the object store at {url}"):
+            build_loader("ffcv", data, batch_size=4, train=False, device="cpu")
+    assert not any((tmp_cache / "staged").iterdir())  # the partial copy is gone
+
+
+def test_bench_run_against_a_dead_endpoint_is_one_line_and_no_result(small_data, tmp_path):
+    from bench.storage.store import _free_port
+
+    out = tmp_path / "runs"
+    r = bench(
+        *("run", "--data", str(small_data), "--storage", "s3", "--loader-only", "--steps", "8"),
+        *("--s3-endpoint", f"http://127.0.0.1:{_free_port()}", "--out", str(out)),
+        cwd=tmp_path,
+        env={**FAST, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"},
+        timeout=120,
+    )
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("bench: error: cannot reach the object store at http://127.0.0.1:"), r.stderr
+    assert not out.exists() or not list(out.glob("*.json"))
 
 
 def test_missing_object_bucket_and_timeout(s3, probe, uploaded, monkeypatch):

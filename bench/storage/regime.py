@@ -66,6 +66,12 @@ class Evicting:
         before = pagecache.resident_fraction(self.files)
         pagecache.evict(self.files)
         after = pagecache.resident_fraction(self.files)
+        if after > 0.5:  # tmpfs, or a filesystem that ignores the advice: "cold" would be a lie
+            raise UsageError(
+                f"--storage cold: {after:.0%} of the data stayed in the page cache after eviction "
+                f"({self.files[0].parent}: tmpfs, or a filesystem that ignores POSIX_FADV_DONTNEED); "
+                "put the data on a disk-backed filesystem"
+            )
         self.epochs.append(
             {"epoch": epoch, "resident_before": round(before, 4), "resident_after": round(after, 4)}
         )
