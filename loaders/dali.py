@@ -90,6 +90,8 @@ class DaliBackend(Backend):
             return _build_wds(cfg, opts)
         # A bucket's images are read by DALI's own S3 reader (AWS_ENDPOINT_URL and the AWS environment).
         remote = objstore.is_url(cfg.data)
+        if remote:
+            _check_s3_endpoint(cfg.data)
         return DaliLoader(
             cfg, opts, objstore.scan_imagefolder(cfg.data) if remote else scan_imagefolder(cfg.data)
         )
@@ -294,6 +296,21 @@ class DaliLoader(BaseLoader):
             self._pipe = None
 
 
+_first_s3_endpoint: dict[int, str] = {}  # pid -> the endpoint DALI's S3 client was made for
+
+
+def _check_s3_endpoint(url: str) -> None:
+    """DALI 2.4 makes its S3 client once per process, at the first s3:// pipeline, and keeps that
+    endpoint (measured): a later AWS_ENDPOINT_URL would be ignored without a word."""
+    now = objstore.endpoint()
+    first = _first_s3_endpoint.setdefault(os.getpid(), now)
+    if now != first:
+        raise LoaderError(
+            f"dali cannot read {url} from {now}: DALI keeps the S3 endpoint of this process's first "
+            f"s3:// pipeline ({first}); read from the new endpoint in a new process"
+        )
+
+
 def _problem(path: str) -> str | None:
     """Why the image at ``path`` (a file or an s3:// object) cannot be decoded, or None."""
     if not objstore.is_url(path):
@@ -310,6 +327,8 @@ def _build_wds(cfg: LoaderConfig, opts: Options) -> DaliShardLoader:
             "dali reader='wds' cannot skip bad samples (DALI fails a whole batch inside its pipeline "
             "without naming the sample); use on_bad_sample='stop', or --loader wds, which skips them"
         )
+    if objstore.is_url(cfg.data):
+        _check_s3_endpoint(cfg.data)
     data = cfg.data if objstore.is_url(cfg.data) else Path(cfg.data)
     # a shard folder, or an ImageFolder split converted (cached) as the wds backend's default does
     data, manifest = shards.resolve_shards(data, shards.Sharding(), progress=cfg.rank == 0)

@@ -147,8 +147,13 @@ def session(storage: str, endpoint: str | None, bucket: str, latency_ms: float, 
         return
     if latency_ms < 0 or mbps < 0:
         raise UsageError("--s3-latency-ms and --s3-mbps must be >= 0")
-    if current() is not None:  # a parent process runs the store
-        yield current()
+    inherited = current()
+    if (
+        inherited is not None
+        and (endpoint is None or endpoint == inherited["endpoint"])
+        and ((latency_ms, mbps) == (inherited["latency_ms"], inherited["mbps"]))
+    ):  # a parent process (a sweep, torchrun's launcher) runs this store
+        yield inherited
         return
     with contextlib.ExitStack() as stack:
         creds = {}
