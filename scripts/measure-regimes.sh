@@ -36,11 +36,12 @@ for t in $(seq "$TRIALS"); do
         echo "trial $t: $name $regime $mode" >&2
         # a failed run is a missing trial in the table (its error is in failures.log), not the end
         (cd "$REPO" && PYTHONPATH="$REPO" "$PY" -m bench.cli run ${OPT[$name]} --label "$name" --data "$DATA" \
-          $regime $extra $mode --batch-size 32 --epochs 1 --warmup-steps 5 --out "$OUT/runs" > /dev/null 2>> "$OUT/failures.log") \
-          || echo "trial $t: $name $regime $mode failed" >> "$OUT/failures.log"
+          $regime $extra $mode --batch-size 32 --epochs 1 --warmup-steps 5 --out "$OUT/runs" > /dev/null 2> "$OUT/.stderr") \
+          || { echo "trial $t: $name $regime $mode failed:"; tail -n 5 "$OUT/.stderr"; } >> "$OUT/failures.log"
       done
     done
   done
 done
+rm -f "$OUT/.stderr"
 "$PY" -m bench.cli report "$OUT" --title "Storage regimes on the 2-core CPU box" \
   --command "bash scripts/measure-regimes.sh $* (each run: bench run --loader NAME -o num_workers|num_threads=2 --storage ... --batch-size 32 --epochs 1 --warmup-steps 5)"
