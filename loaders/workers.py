@@ -42,10 +42,28 @@ def worker_failed(exc: RuntimeError, backend: str) -> LoaderError | None:
         )
     if "DataLoader worker" not in first:
         return None
-    return LoaderError(
-        f"{backend} loader: {first.rstrip('. ')}. A worker killed by a signal is usually the "
-        "kernel's OOM killer (see `dmesg`): fewer num_workers or a smaller batch needs less memory"
-    )
+    return LoaderError(f"{backend} loader: {first.rstrip('. ')}. {OOM_HINT}")
+
+
+OOM_HINT = (
+    "A worker killed by a signal is usually the kernel's OOM killer (see `dmesg`): fewer "
+    "num_workers or a smaller batch needs less memory"
+)
+
+
+def dead_workers(it, wait_s: float = 5.0) -> list[int]:
+    """The pids of ``it``'s workers that have exited (waiting a little: the kernel may not have
+    reaped a worker yet when the main process sees its end of a pipe close)."""
+    import time
+
+    procs = list(getattr(it, "_workers", None) or [])
+    deadline = time.monotonic() + wait_s
+    while procs:
+        dead = [p.pid for p in procs if p.exitcode is not None]
+        if dead or time.monotonic() > deadline:
+            return dead
+        time.sleep(0.05)
+    return []
 
 
 def checked(it, backend: str):
@@ -60,6 +78,21 @@ def checked(it, backend: str):
         except RuntimeError as exc:
             stop_workers(it)
             raise (worker_failed(exc, backend) or exc) from exc
+        except (ConnectionError, EOFError) as exc:
+            # A worker killed while handing over a batch's shared memory: the main process's fd
+            # transfer from it breaks before DataLoader's own dead-worker check can speak.
+            try:
+                dead = dead_workers(it)
+            except RuntimeError as sigchld:  # DataLoader's SIGCHLD check spoke while we waited
+                stop_workers(it)
+                raise (worker_failed(sigchld, backend) or sigchld) from exc
+            stop_workers(it)
+            if not dead:
+                raise
+            raise LoaderError(
+                f"{backend} loader: DataLoader worker (pid(s) {', '.join(map(str, dead))}) exited "
+                f"unexpectedly while handing over a batch ({type(exc).__name__}). {OOM_HINT}"
+            ) from exc
         except LoaderError as exc:
             stop_workers(it)
             raise from_worker(exc) from None

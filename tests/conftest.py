@@ -121,8 +121,11 @@ def run_ranks(fn, world: int, *args, timeout: float = 240) -> None:
 
 def bench(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the `bench` command line as a user would, in its own process."""
-    full_env = {**os.environ, **(env or {})}
-    full_env.pop("WORLD_SIZE", None)
+    full_env = dict(os.environ)
+    # a test's own S3 session (the s3 fixture's) is not the command's unless the test hands it over
+    for inherited in ("WORLD_SIZE", "LOADERBENCH_S3_SESSION", "AWS_ENDPOINT_URL"):
+        full_env.pop(inherited, None)
+    full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "bench.cli", *args],
         cwd=cwd,

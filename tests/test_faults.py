@@ -157,6 +157,43 @@ def test_a_killed_worker_ends_bench_run_cleanly(small_data, tmp_path):
     assert not list((tmp_path / "r").glob("*.json")) if (tmp_path / "r").exists() else True
 
 
+class _HandOverBroken:
+    """A DataLoader iterator at the moment a worker dies while the main process takes a batch's
+    shared memory from it: the fd transfer's socket is reset (seen in CI as a traceback, exit 1)."""
+
+    def __init__(self, workers):
+        self._workers = workers
+
+    def __next__(self):
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    def _shutdown_workers(self):
+        pass
+
+
+def test_a_worker_killed_during_the_hand_over_is_named():
+    import multiprocessing
+
+    from loaders.workers import checked
+
+    victim = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+    victim.start()
+    victim.kill()  # as the kernel's OOM killer does
+    victim.join()
+    with pytest.raises(
+        LoaderError, match=f"DataLoader worker \\(pid\\(s\\) {victim.pid}\\) exited unexpectedly"
+    ):
+        next(checked(_HandOverBroken([victim]), "torch"))
+    alive = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+    alive.start()
+    try:  # no worker died: the error is not dressed up as one
+        with pytest.raises(ConnectionResetError):
+            next(iter(checked(_HandOverBroken([alive]), "torch")))
+    finally:
+        alive.kill()
+        alive.join()
+
+
 @pytest.mark.parametrize("name", PROCESS_WORKERS)
 def test_a_stuck_worker_ends_in_the_timeout_option(name, small_data, tmp_path, monkeypatch):
     """A worker blocked in I/O (a hung mount: alive, silent) is only bounded by -o timeout."""

@@ -360,11 +360,12 @@ def test_bench_run_against_a_dead_endpoint_is_one_line_and_no_result(s3, small_d
     from bench.storage.store import _free_port
 
     out = tmp_path / "runs"
+    inherited = {k: os.environ[k] for k in ("LOADERBENCH_S3_SESSION", "AWS_ENDPOINT_URL")}
     r = bench(
         *("run", "--data", str(small_data), "--storage", "s3", "--loader-only", "--steps", "8"),
         *("--s3-endpoint", f"http://127.0.0.1:{_free_port()}", "--out", str(out)),
         cwd=tmp_path,
-        env={**FAST, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"},
+        env={**FAST, **inherited, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"},
         timeout=120,
     )
     assert r.returncode == 2
