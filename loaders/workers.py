@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 
 from torch.utils.data import DataLoader
 
@@ -54,8 +55,6 @@ OOM_HINT = (
 def dead_workers(it, wait_s: float = 5.0) -> list[int]:
     """The pids of ``it``'s workers that have exited (waiting a little: the kernel may not have
     reaped a worker yet when the main process sees its end of a pipe close)."""
-    import time
-
     procs = list(getattr(it, "_workers", None) or [])
     deadline = time.monotonic() + wait_s
     while procs:
