@@ -14,7 +14,7 @@ from pathlib import Path
 
 from loaders.contract import LoaderError
 
-from .errors import BenchError
+from .errors import BenchError, UsageError
 from .harness.spec import RunSpec, add_flags
 
 
@@ -196,6 +196,7 @@ def cmd_backends(args) -> int:
 # -- the harness ---------------------------------------------------------------------------------
 
 STORAGE_FIELDS = ("storage", "s3_endpoint", "s3_bucket", "s3_latency_ms", "s3_mbps")  # every harness command
+EVERY_HARNESS = STORAGE_FIELDS + ("cpus",)
 
 # name: (help, description, the run-spec fields it varies from, default --out)
 HARNESS = {
@@ -225,9 +226,9 @@ HARNESS = {
 
 
 WORKERS = {  # each command's parallelism flag: (flag, default, help)
-    "sweep": ("--workers", 0, "workers / threads when switched on (default min(cores, 8))"),
-    "doctor": ("--workers", 0, "workers / threads (default min(cores, 8))"),
-    "tune": ("--max-workers", None, "largest count tried (default: the cores)"),
+    "sweep": ("--workers", 0, "workers / threads when switched on (default min(cores, 8); cores: --cpus)"),
+    "doctor": ("--workers", 0, "workers / threads (default min(cores, 8); cores: --cpus)"),
+    "tune": ("--max-workers", None, "largest count tried (default: the cores, or --cpus)"),
 }
 
 
@@ -238,7 +239,7 @@ def _harness_parsers(sub) -> None:
     p = {}
     for name, (help_, description, fields, out) in HARNESS.items():
         p[name] = sub.add_parser(name, help=help_, description=description)
-        add_flags(p[name], fields=fields + STORAGE_FIELDS, knobs=False, options=name == "doctor", steps=30)
+        add_flags(p[name], fields=fields + EVERY_HARNESS, knobs=False, options=name == "doctor", steps=30)
         p[name].add_argument("--out", help=f"folder for the results (default {out})")
         flag, default, what = WORKERS[name]
         p[name].add_argument(flag, type=int, default=default, help=what)
@@ -272,6 +273,12 @@ def _harness_parsers(sub) -> None:
         help=f"seconds before a trial is called failed (default {d.trial_timeout:.0f})",
     )
     sw.add_argument("--title", help="report title")
+    sw.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="finish the interrupted sweep in DIR with the settings it recorded: trials whose results "
+        "are there are not run again",
+    )
     p["doctor"].add_argument(
         "--quick", action="store_true", help="skip the other backends' loader-only probes"
     )
@@ -299,7 +306,7 @@ def cmd_sweep(args, argv) -> int:
         techniques=tuple(t.strip() for t in args.techniques.split(",") if t.strip()),
     )
     out = Path(args.out or f"reports/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
-    Sweep(s, out, ["bench", *argv]).run()
+    Sweep(s, out, ["bench", *argv], resume=bool(args.resume)).run()
     path = report.render(out, args.title)
     print("\n".join(path.read_text().split("## Plots")[0].splitlines()[-40:]))
     print(f"report: {path}")
@@ -429,10 +436,32 @@ def _keep_interrupts(default):
     return hook
 
 
+def resumed(args, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """`bench sweep --resume DIR [--title T]`: the arguments of the sweep that DIR records."""
+    import json
+
+    folder = Path(args.resume)
+    own = {"sweep", "--resume", args.resume, "--title", args.title}
+    extra = [a for a in argv if a not in own and not a.startswith(("--resume=", "--title="))]
+    if extra:
+        raise UsageError(
+            f"--resume takes the settings recorded in {folder / 'sweep.json'}; drop {' '.join(extra)}"
+        )
+    try:
+        command = json.loads((folder / "sweep.json").read_text())["command"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--resume {folder}: no readable sweep.json there ({exc})") from None
+    old = parser().parse_args(command[1:])
+    old.out, old.resume, old.title = str(folder), str(folder), args.title or old.title
+    return old, command[1:]
+
+
 def _main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     with_argv = {"run": cmd_run, "sweep": cmd_sweep, "doctor": cmd_doctor, "tune": cmd_tune}
     try:
+        if args.command == "sweep" and args.resume:
+            args, argv = resumed(args, argv)
         if args.command in with_argv:
             # One object store (and shaper) for the whole command: every trial, every rank.
             spec = RunSpec(

@@ -84,6 +84,12 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. `bench run --cpus N` or taskset),
+    which is what the backends' default thread and worker counts follow, not the machine's count."""
+    return len(os.sched_getaffinity(0))
+
+
 def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -36,6 +36,7 @@ from .contract import (
     FolderIndex,
     LoaderConfig,
     LoaderError,
+    available_cores,
     rank_share,
     scan_imagefolder,
     shard_indices,
@@ -123,7 +124,7 @@ def _pipeline(cfg: LoaderConfig, opts: Options, reader: dict, seed: int, gpu_dec
 
     @pipeline_def(
         batch_size=cfg.batch_size,
-        num_threads=opts.num_threads or os.cpu_count() or 1,
+        num_threads=opts.num_threads or available_cores(),
         # Never a device id without CUDA: DALI then refuses even CPU-only pipelines.
         device_id=(cfg.device.index or 0) if cuda else None,
         seed=seed,
@@ -196,6 +197,7 @@ class DaliLoader(BaseLoader):
         d.update(
             decode="gpu (nvJPEG, DALI mixed)" if self.gpu_decode else "cpu (DALI, libjpeg-turbo)",
             normalize="gpu (DALI)" if cuda else "cpu (DALI)",
+            num_threads=self.options.num_threads or available_cores(),
         )
         return d
 

@@ -29,7 +29,7 @@ import torch
 
 from . import objstore
 from .backend import Backend
-from .contract import BaseLoader, LoaderConfig, LoaderError, rank_share, scan_imagefolder
+from .contract import BaseLoader, LoaderConfig, LoaderError, available_cores, rank_share, scan_imagefolder
 from .feed import normalize_uint8
 from .pil import decode_problem, decode_rgb
 from .stored import cache_dir, cached, file_entry, require_manifest, temp_output, verify_files
@@ -65,6 +65,10 @@ class Options:
 def _import_ffcv():
     """Import FFCV without letting it take over torch's thread count."""
     threads = torch.get_num_threads()
+    if available_cores() < (os.cpu_count() or 1) and "numba" not in sys.modules:
+        # Under a narrowed affinity (--cpus, taskset) a process that wrote a .beton hangs at exit in
+        # numba's TBB layer (unload_tbb waits forever; measured, 3 of 3); the OpenMP layer does not.
+        os.environ.setdefault("NUMBA_THREADING_LAYER", "omp")
     import numba
     from ffcv.pipeline.compiler import Compiler
 
@@ -72,7 +76,7 @@ def _import_ffcv():
     if not getattr(Compiler, "_loaderbench_patched", False):
         # FFCV sets torch's intra-op threads to its worker count on every epoch; keep numba's part.
         def set_num_threads(cls, n):
-            cls.num_threads = n if n >= 1 else (os.cpu_count() or 1)
+            cls.num_threads = n if n >= 1 else available_cores()
             numba.set_num_threads(min(cls.num_threads, numba.config.NUMBA_NUM_THREADS))
 
         Compiler.set_num_threads = classmethod(set_num_threads)
@@ -431,10 +435,10 @@ class FfcvLoader(BaseLoader):
         super().__init__(cfg, *rank_share(manifest["samples"], cfg, beton), tuple(manifest["classes"]))
         self.options, self.beton, self.manifest = opts, beton, manifest
         self.staged = None  # an objstore.Staged copy of a bucket's .beton, removed at close()
-        cores = os.cpu_count() or 1
+        cores = available_cores()
         self.workers = min(opts.num_workers or cores, cores)
         self.note = (
-            f"num_workers {opts.num_workers} capped at the {cores} cores (FFCV refuses more)"
+            f"num_workers {opts.num_workers} capped at the {cores} cores this run may use (FFCV refuses more)"
             if opts.num_workers and opts.num_workers > cores
             else None
         )

@@ -294,3 +294,87 @@ def test_report_command_line_records_the_producing_command(tmp_path):
     assert p.returncode == 0, p.stderr
     text = (tmp_path / "README.md").read_text()
     assert text.startswith("# T") and "bash scripts/x.sh" in text
+
+
+SWEEP_ARGS = [
+    *("--batch-size", "16", "--image-size", "48", "--steps", "6", "--warmup-steps", "2"),
+    *("--trials", "2", "--techniques", "workers,amp", "--keep-all", "--ranks", "1", "--workers", "1"),
+]
+
+
+def plan_of(doc: dict) -> list:
+    """What a sweep decided to run, without what it measured."""
+    keys = ("key", "kind", "status", "argv", "reference", "kept", "ceiling")
+    return [{k: st[k] for k in keys} for st in doc["steps"]] + sorted(doc["ceilings"])
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_midway_resumes_to_the_same_plan(small_data, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from bench.cli import main
+    from bench.harness import sweep as sweep_module
+    from bench.harness.result import load
+
+    out = tmp_path / "killed"
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.cli",
+        "sweep",
+        "--data",
+        str(small_data),
+        *SWEEP_ARGS,
+        "--out",
+        str(out),
+    ]
+    p = subprocess.Popen(
+        cmd, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline, before = time.monotonic() + 240, []
+    while time.monotonic() < deadline and p.poll() is None:
+        try:  # written atomically: a reader never sees half a file
+            doc = json.loads((out / "sweep.json").read_text())
+        except FileNotFoundError:
+            doc = {"steps": [], "ceilings": {}}
+        before = [r for st in doc["steps"] for r in st["results"]] + [
+            r for rs in doc["ceilings"].values() for r in rs
+        ]
+        if len(before) >= 3:
+            break
+        time.sleep(0.1)
+    assert p.poll() is None, "the sweep ended before it could be interrupted"
+    os.killpg(p.pid, signal.SIGKILL)  # the machine going away: the sweep and its trial, no clean-up
+    p.wait()
+    assert 3 <= len(before) < 8
+
+    got = bench("sweep", "--resume", str(out), cwd=tmp_path)
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert "kept from before" in got.stdout
+    doc = json.loads((out / "sweep.json").read_text())
+    assert doc["resumed"] and doc["command"][:2] == ["bench", "sweep"] and "--resume" not in doc["command"]
+    for st in doc["steps"]:
+        assert st["status"] == "ok" and len(st["results"]) == 2, st
+    assert [len(v) for v in doc["ceilings"].values()] == [1, 1]
+    every = [r for st in doc["steps"] for r in st["results"]] + [
+        r for v in doc["ceilings"].values() for r in v
+    ]
+    assert set(before) <= set(every) and len(set(every)) == len(every) == 8  # nothing run twice
+    for rel in every:
+        load(out / rel)
+    assert (out / "README.md").exists()
+
+    # The same sweep uninterrupted (trials faked: the plan does not depend on the figures with --keep-all)
+    def fake_trial(spec, runs, timeout=900, env=None):
+        path = save(fake_result(100.0, spec.label), runs)
+        return Trial(spec=spec, path=path, result=load(path))
+
+    monkeypatch.setattr(sweep_module, "run_trial", fake_trial)
+    assert main(["sweep", "--data", str(small_data), *SWEEP_ARGS, "--out", str(tmp_path / "whole")]) == 0
+    assert plan_of(doc) == plan_of(json.loads((tmp_path / "whole" / "sweep.json").read_text()))
+
+    extra = bench("sweep", "--resume", str(out), "--trials", "3", cwd=tmp_path)
+    assert extra.returncode == 2 and "drop --trials 3" in extra.stderr
+    missing = bench("sweep", "--resume", str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert missing.returncode == 2 and "no readable sweep.json" in missing.stderr

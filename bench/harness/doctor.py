@@ -8,13 +8,13 @@ alone for every other installed backend, so the advice names the numbers behind 
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from loaders import backends, get_backend
+from loaders.contract import available_cores
 from loaders.stored import write_json
 
 from ..errors import BenchError
@@ -148,7 +148,7 @@ def diagnose(
     spec: RunSpec, out: Path, command: list[str], workers: int = 0, quick: bool = False, log=print
 ) -> dict:
     runs = out / "runs"
-    cores = os.cpu_count() or 1
+    cores = spec.cpus or available_cores()
     workers = workers or min(cores, 8)
     cuda = torch.cuda.is_available()
     ceiling = next(b.name for b in backends() if b.is_ceiling)

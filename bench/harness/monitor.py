@@ -10,6 +10,8 @@ import time
 
 import psutil
 
+from .cpus import affinity_of_tree
+
 
 def _nvml_handle(index: int):
     try:
@@ -38,6 +40,8 @@ class ResourceMonitor:
         self.gpu_util: list[float] = []
         self.gpu_mem: list[int] = []
         self._cpu_times: dict[int, float] = {}
+        self.affinity: set[int] = set()  # every core any thread of the tree was allowed on
+        self.affinity_processes = 0
 
     def _tree_cpu_seconds(self, children) -> float:
         total = 0.0
@@ -57,6 +61,9 @@ class ResourceMonitor:
         if now > last[0]:
             self.cpu_percent.append(100.0 * (cpu - last[1]) / (now - last[0]))
         self.system_cpu_percent.append(psutil.cpu_percent(interval=None))
+        seen = affinity_of_tree(self.proc)
+        self.affinity.update(seen["cores"])
+        self.affinity_processes = max(self.affinity_processes, seen["processes"])
         try:
             self.rss_main.append(self.proc.memory_info().rss)
         except psutil.Error:
@@ -95,6 +102,10 @@ class ResourceMonitor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+            if not self.affinity:  # a run shorter than one interval
+                seen = affinity_of_tree(self.proc)
+                self.affinity.update(seen["cores"])
+                self.affinity_processes = seen["processes"]
         return self.summary()
 
     def summary(self) -> dict:
@@ -111,6 +122,8 @@ class ResourceMonitor:
             "peak_rss_children_mib": mib(self.rss_children),
             "peak_rss_total_mib": round(peak_total / 2**20, 1) if peak_total is not None else None,
             "child_processes": self.children_seen,
+            "affinity_cores": sorted(self.affinity),
+            "affinity_processes": self.affinity_processes,
             "gpu_util_percent_mean": mean(self.gpu_util),
             "gpu_memory_used_peak_mib": mib(self.gpu_mem),
         }

@@ -16,14 +16,14 @@ import torch
 import torch.distributed as dist
 
 from loaders import backends, build_loader, get_backend
-from loaders.contract import scan_imagefolder
+from loaders.contract import available_cores, scan_imagefolder
 
 from ..data.convert import folder_storage
 from ..data.synth import SynthSpec, default_dataset
 from ..errors import UsageError
 from ..storage import regime
 from ..trainer import MODELS, TrainConfig, TrainError, all_reduce_values, build_model, measure, train
-from . import envinfo
+from . import cpus, envinfo
 from . import result as results
 from .monitor import ResourceMonitor
 from .spec import RunSpec
@@ -48,6 +48,8 @@ def check(cfg: RunSpec) -> None:
         )
     if cfg.cpu_ranks < 0 or (cfg.cpu_ranks and cfg.gpus > 1):
         raise UsageError("use either --gpus N (CUDA ranks) or --cpu-ranks N (CPU ranks with gloo)")
+    launched = "WORLD_SIZE" in os.environ
+    cpus.check(cfg.cpus, int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if launched else cfg.nprocs)
     if cfg.cpu_ranks and cfg.device == "cuda":
         raise UsageError("--cpu-ranks runs on the CPU; drop --device cuda")
     wants_cuda = cfg.device == "cuda" or cfg.gpus > 1
@@ -124,8 +126,10 @@ def relaunch(cfg: RunSpec, argv: list[str], data_root: Path) -> int:
         *child,
     ]
     env = dict(os.environ, LOADERBENCH_LAUNCHED="1", **{COMMAND_ENV: json.dumps(argv)})
-    if cfg.cpu_ranks:  # share the cores between ranks instead of oversubscribing them
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.cpu_ranks)))
+    if cfg.cpus:  # each rank confines itself to its own slice (cpus.confine_rank)
+        env["OMP_NUM_THREADS"] = str(cfg.cpus)
+    elif cfg.cpu_ranks:  # share the cores between ranks instead of oversubscribing them
+        env.setdefault("OMP_NUM_THREADS", str(max(1, available_cores() // cfg.cpu_ranks)))
     proc = subprocess.Popen(cmd, env=env)
     try:
         return proc.wait()
@@ -154,6 +158,7 @@ def run(cfg: RunSpec, argv: list[str], log=print) -> Path | None:
     """Run one benchmark in this process (one rank); rank 0 returns the result path."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
+    cores = cpus.confine_rank(cfg.cpus)  # before any worker, backend thread or process group
     device = device_for(cfg)
     if world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -169,7 +174,7 @@ def run(cfg: RunSpec, argv: list[str], log=print) -> Path | None:
                 f"({cfg.dist_timeout_s} s): {str(exc).strip().splitlines()[0][:300]}"
             ) from exc
     try:
-        return _run(cfg, argv, device, rank, world_size, log if rank == 0 else (lambda *a, **k: None))
+        return _run(cfg, argv, device, rank, world_size, log if rank == 0 else (lambda *a, **k: None), cores)
     except RuntimeError as exc:
         if world_size > 1 and lost_a_rank(exc):
             raise TrainError(
@@ -193,7 +198,7 @@ def lost_a_rank(exc: BaseException) -> bool:
     )
 
 
-def _run(cfg, argv, device, rank, world_size, log) -> Path | None:
+def _run(cfg, argv, device, rank, world_size, log, cores) -> Path | None:
     torch.manual_seed(cfg.seed)
     if rank == 0 or cfg.data:
         train_dir, val_dir = resolve_data(cfg)
@@ -261,14 +266,14 @@ def _run(cfg, argv, device, rank, world_size, log) -> Path | None:
         if cfg.loader_only:
             log(
                 f"loader only: {cfg.loader} on {train_dir}: {len(train_loader)} batches/epoch x {epochs} epoch(s), "
-                f"{world_size} rank(s) on {device}"
+                f"{world_size} rank(s) on {device}{on_cores(cores)}"
             )
             outcome = measure(train_loader, tcfg, device, log=log)
         else:
             model = build_model(cfg.model, len(train_loader.classes))
             log(
                 f"training {cfg.model} on {train_dir} with loader {cfg.loader}: {len(train_loader)} steps/epoch "
-                f"x {epochs} epoch(s), {world_size} rank(s) on {device}"
+                f"x {epochs} epoch(s), {world_size} rank(s) on {device}{on_cores(cores)}"
             )
             outcome = train(model, train_loader, val_loader, tcfg, device, log=log)
         resources = monitor.stop()  # this rank's process and its workers
@@ -286,6 +291,10 @@ def _run(cfg, argv, device, rank, world_size, log) -> Path | None:
     skipped = len(train_loader.skipped) + (len(val_loader.skipped) if val_loader else 0)
     skipped, disk = all_reduce_values([skipped, storage["bytes_read_from_disk"]], device)  # every rank's
     skipped, storage["bytes_read_from_disk"] = int(skipped), int(disk)
+    if cores is not None:  # how many ranks were confined to each core: 1 everywhere = disjoint slices
+        machine = os.cpu_count() or 1
+        per_core = all_reduce_values([float(c in cores) for c in range(machine)], device)
+        ranks_on = {c: int(n) for c, n in enumerate(per_core) if n}
     if rank != 0:
         return None
     config = cfg.record()
@@ -295,6 +304,8 @@ def _run(cfg, argv, device, rank, world_size, log) -> Path | None:
         epochs=epochs,
         data=str(train_dir.parent),
         train_drop_last=True,
+        cpu_cores=cores,  # rank 0's slice under --cpus; None: not confined
+        cpu_cores_ranks=ranks_on if cores is not None else None,  # core -> ranks confined to it
     )
     loader_info = train_loader.describe()
     loader_info["skipped_files"] = (train_loader.skipped + (val_loader.skipped if val_loader else []))[:50]
@@ -331,6 +342,10 @@ def _run(cfg, argv, device, rank, world_size, log) -> Path | None:
 
     Console().print(results.table(res, path))
     return path
+
+
+def on_cores(cores: list[int] | None) -> str:
+    return f", confined to {len(cores)} core(s) ({cpus.describe(cores)}) per rank" if cores else ""
 
 
 def command_of(argv: list[str]) -> list[str]:

@@ -38,6 +38,7 @@ class RunSpec:
     device: str = "auto"  # auto | cpu | cuda
     gpus: int = 1
     cpu_ranks: int = 0
+    cpus: int = 0  # cores per rank the run is confined to (affinity); 0: every core it may use
     on_bad_sample: str = "stop"
     eval: bool = True
     eval_inference_mode: bool = True
@@ -190,6 +191,14 @@ FLAGS: dict[str, tuple[str, dict]] = {
     "device": ("--device", dict(choices=("auto", "cpu", "cuda"))),
     "gpus": ("--gpus", dict(type=int, help="N > 1: N ranks through torchrun, one per GPU")),
     "cpu_ranks": ("--cpu-ranks", dict(type=int, help="N CPU ranks with gloo (DDP without a GPU)")),
+    "cpus": (
+        "--cpus",
+        dict(
+            type=int,
+            help="confine the run to N cores (per rank with --gpus / --cpu-ranks): main process, "
+            "workers and backend threads; default every core",
+        ),
+    ),
     "on_bad_sample": (
         "--on-bad-sample",
         dict(choices=("stop", "skip"), help="stop (default): fail naming the file; skip: skip and count it"),

@@ -16,7 +16,7 @@ stored here: `sweep.json` records the plan and which result files belong to whic
 from __future__ import annotations
 
 import dataclasses
-import os
+import json
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -25,9 +25,11 @@ from pathlib import Path
 import torch
 
 from loaders import backends
+from loaders.contract import available_cores
 from loaders.stored import write_json
 
 from ..errors import BenchError
+from . import result as results
 from .launch import Trial, run_trial
 from .spec import RunSpec
 
@@ -72,9 +74,9 @@ class Stack:
     ranks: int = 1
 
     def run_spec(self, cuda: bool) -> RunSpec:
-        workers = (
-            max(1, self.workers // self.ranks) if self.workers else 0
-        )  # the cores are shared by the ranks
+        workers = self.workers
+        if workers and not self.spec.cpus:  # the cores are shared by the ranks (--cpus: N per rank)
+            workers = max(1, workers // self.ranks)
         spec = self.spec.with_loader(
             self.spec.loader,
             workers=workers,
@@ -140,8 +142,8 @@ class Step:
     seconds: float = 0.0
 
 
-def default_workers() -> int:
-    return min(os.cpu_count() or 1, 8)
+def default_workers(cpus: int = 0) -> int:
+    return min(cpus or available_cores(), 8)
 
 
 def resolve(s: Settings) -> Settings:
@@ -160,9 +162,10 @@ def resolve(s: Settings) -> Settings:
         )
     if s.workers < 0:
         raise SweepError(f"--workers must be >= 0, got {s.workers}")
-    s.workers = s.workers or default_workers()
+    s.workers = s.workers or default_workers(s.spec.cpus)
     if s.ranks == 0:
-        s.ranks = torch.cuda.device_count() if s.cuda else (2 if (os.cpu_count() or 1) >= 2 else 1)
+        cores, per_rank = available_cores(), s.spec.cpus or 1
+        s.ranks = torch.cuda.device_count() if s.cuda else (2 if cores >= 2 * per_rank else 1)
     if s.amp == "auto":
         s.amp = "bf16" if (not s.cuda or torch.cuda.is_bf16_supported()) else "fp16"
     if s.amp not in ("bf16", "fp16"):
@@ -172,21 +175,53 @@ def resolve(s: Settings) -> Settings:
     return s
 
 
+def without_out(argv) -> list[str]:
+    """`bench run` arguments without --out: a resumed folder may have been moved or copied."""
+    kept, skip = [], False
+    for a in argv:
+        if not skip and a != "--out":
+            kept.append(a)
+        skip = a == "--out" and not skip
+    return kept
+
+
 def _median_ips(trials) -> float | None:
     v = [r.ips for r in trials]
     return statistics.median(v) if v else None
 
 
 class Sweep:
-    def __init__(self, settings: Settings, out: Path, command: list[str], log=print):
+    """``resume=True`` (`bench sweep --resume DIR`) replays the ladder in a folder an earlier,
+    interrupted sweep left: a trial whose result (same step, same `bench run` arguments) is already
+    under runs/ is taken from there instead of run again, so every decision comes out as before and
+    the plan is the one an uninterrupted sweep would have made from those measurements."""
+
+    def __init__(self, settings: Settings, out: Path, command: list[str], log=print, resume: bool = False):
         self.s = resolve(settings)
         self.out = Path(out)
         self.runs = self.out / "runs"
         self.command = command
         self.log = log
+        self.resume = resume
         self.steps: list[Step] = []
         self.ceilings: dict[str, list[str]] = {}
         self.loaded: dict[str, dict] = {}
+        self.created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.resumed: list[str] = []
+        self.done: dict[tuple, list[str]] = {}  # (step key, argv) -> result files a resume takes
+
+    def _pool(self) -> None:
+        """The results already in the folder, by the step and arguments they were run with."""
+        old = json.loads((self.out / "sweep.json").read_text())
+        self.created = old.get("created", self.created)
+        self.resumed = [*old.get("resumed", []), time.strftime("%Y-%m-%dT%H:%M:%S%z")]
+        for path in sorted(self.runs.glob("*.json")):
+            try:
+                r = results.load(path)
+            except results.ResultError:
+                continue  # a result cut off mid-write is not a result
+            key = (r.config.get("label", ""), tuple(without_out(r.config.get("argv", []))))
+            self.done.setdefault(key, []).append(str(path.relative_to(self.out)))
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _record(self) -> None:
@@ -194,7 +229,8 @@ class Sweep:
             self.out / "sweep.json",
             {
                 "schema": SCHEMA,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "created": self.created,
+                "resumed": self.resumed,
                 "command": self.command,
                 "settings": self.s.record(),
                 "steps": [dataclasses.asdict(st) for st in self.steps],
@@ -207,17 +243,24 @@ class Sweep:
         step.argv = spec.to_argv()
         start = time.perf_counter()
         got = []
+        done = self.done.get((step.key, tuple(without_out(step.argv))), [])
         for i in range(n):
-            t: Trial = run_trial(spec, self.runs, timeout=self.s.trial_timeout)
-            if t.path is None:
-                step.errors.append(t.error or "failed")
-                self.log(f"  {step.key} trial {i + 1}: FAILED: {t.error}")
-                continue
-            rel = str(t.path.relative_to(self.out))
+            if done:  # measured before the interruption
+                rel = done.pop(0)
+                result, how = results.load(self.out / rel), "kept from before"
+            else:
+                t: Trial = run_trial(spec, self.runs, timeout=self.s.trial_timeout)
+                if t.path is None:
+                    step.errors.append(t.error or "failed")
+                    self.log(f"  {step.key} trial {i + 1}: FAILED: {t.error}")
+                    self._record()
+                    continue
+                rel, result, how = str(t.path.relative_to(self.out)), t.result, ""
             step.results.append(rel)
-            self.loaded[rel] = t.result
-            got.append(t.result)
-            self.log(f"  {step.key} trial {i + 1}: {t.result.ips:.1f} img/s")
+            self.loaded[rel] = result
+            got.append(result)
+            self.log(f"  {step.key} trial {i + 1}: {result.ips:.1f} img/s {how}".rstrip())
+            self._record()  # an interruption loses at most the trial under way
         step.seconds = time.perf_counter() - start
         step.status = "ok" if got else "failed"
         if not got:
@@ -243,8 +286,8 @@ class Sweep:
             )
             step = Step(key, f"{loader} ceiling", "ceiling")
             self.log(f"{key}: the {loader} ceiling for these model settings")
+            self.ceilings[key] = step.results  # filled (and recorded) trial by trial
             self._trials(step, ceiling, self.s.ceiling_trials)
-            self.ceilings[key] = step.results
         return key
 
     def _skip(self, step: Step, reason: str) -> None:
@@ -254,10 +297,16 @@ class Sweep:
     # -- the ladder ----------------------------------------------------------------------------
     def run(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
-        if (self.out / "sweep.json").exists():
+        if self.resume:
+            if not (self.out / "sweep.json").exists():
+                raise SweepError(f"--resume {self.out}: no sweep.json there, nothing to resume")
+            self._pool()
+        elif (self.out / "sweep.json").exists():
             raise SweepError(
-                f"{self.out} already holds a sweep; choose a new --out (results are never overwritten)"
+                f"{self.out} already holds a sweep; choose a new --out (results are never overwritten), "
+                f"or `bench sweep --resume {self.out}` to finish it"
             )
+        self._record()  # from here on the folder can be resumed
         s = self.s
         # the naive baseline evaluates with autograd on
         stack = Stack(dataclasses.replace(s.spec, eval_inference_mode=False))
@@ -327,6 +376,12 @@ class Sweep:
         ddp_needs = None
         if s.ranks < 2:
             ddp_needs = "one GPU on this machine" if s.cuda else "one core on this machine"
+        elif s.spec.cpus and s.spec.cpus * s.ranks > available_cores():
+            ddp_needs = f"{s.ranks} ranks x --cpus {s.spec.cpus} needs more than this machine's {available_cores()} cores"
+        if not s.cuda and s.ranks < 2 and s.spec.cpus:
+            ddp_needs = (
+                f"2 CPU ranks x --cpus {s.spec.cpus} need more cores than this machine's {available_cores()}"
+            )
         technique(
             "ddp",
             f"DDP over {s.ranks} {'GPUs' if s.cuda else 'CPU ranks (gloo)'}",

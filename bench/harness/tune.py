@@ -9,11 +9,11 @@ the values worth trying are the backend's own (``Backend.knobs``, ``prefetch_val
 from __future__ import annotations
 
 import dataclasses
-import os
 import statistics
 import time
 from pathlib import Path
 
+from loaders.contract import available_cores
 from loaders.stored import write_json
 
 from ..errors import BenchError
@@ -48,7 +48,7 @@ def tune(
     par, pre = backend.knobs.get("workers"), backend.knobs.get("prefetch")
     if par is None:
         raise TuneError(f"loader {spec.loader!r} has no parallelism knob: nothing to tune")
-    cores = max_workers or os.cpu_count() or 1
+    cores = max_workers or spec.cpus or available_cores()
     mode = "end to end" if end_to_end else "loader only"
     base = dataclasses.replace(spec, loader_only=not end_to_end)
     runs = out / "runs"
