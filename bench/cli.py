@@ -346,6 +346,91 @@ def cmd_tune(args, argv) -> int:
     return 0
 
 
+def _plan_parser(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="predict which loader wins at a CPU budget, and how many cores N GPUs need",
+        description="Measure each installed backend's loader-only images/s at 1..K cores here, the model's "
+        "rate (on these cores, or --gpu-rate / --gpu) and the storage read rate, then predict end-to-end "
+        "images/s per backend for --gpus G on --cores-per-node C. Writes plan.json and plan.png (the "
+        "crossover map) to --out. Model and validation: docs/plan.md.",
+    )
+    add_flags(
+        p,
+        fields=("data", "model", "batch_size", "image_size", "amp", "channels_last", "storage", "seed"),
+        knobs=False,
+        options=False,
+    )
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per node of the target (default 1)")
+    p.add_argument(
+        "--cores-per-node", type=int, default=0, help="cores per node of the target (default: here)"
+    )
+    p.add_argument("--nodes", type=int, default=1)
+    rate = p.add_mutually_exclusive_group()
+    rate.add_argument("--gpu-rate", type=float, help="one GPU's training rate for this model, images/s")
+    rate.add_argument("--gpu", help="a GPU from the table of published rates (docs/plan.md), e.g. a100-80gb")
+    p.add_argument("--loaders", help="comma-separated backends (default: every installed one)")
+    p.add_argument("--max-cores", type=int, default=0, help="measure at 1..N cores (default: all here)")
+    p.add_argument("--steps", type=int, default=16, help="batches per measurement (3 of them warm-up)")
+    p.add_argument(
+        "--trials", type=int, default=1, help="loader measurements per core count, median taken (default 1)"
+    )
+    p.add_argument("--measured", help="folder of `bench run --cpus N` results to draw on the map")
+    p.add_argument("--out", help="folder for plan.json and plan.png (default reports/plan-<time>)")
+
+
+def cmd_plan(args, argv) -> int:
+    from .harness import plan
+
+    spec = _default_data(RunSpec.from_args(args, eval=False))
+    target = plan.target_from(args, spec.model)
+    out = Path(args.out or f"reports/plan-{time.strftime('%Y%m%d-%H%M%S')}")
+    loaders = [n.strip() for n in args.loaders.split(",")] if args.loaders else None
+    doc = plan.plan(
+        spec,
+        target,
+        out,
+        ["bench", *argv],
+        loaders,
+        args.max_cores,
+        Path(args.measured) if args.measured else None,
+        args.steps,
+        args.trials,
+    )
+    _print_plan(doc)
+    print(
+        f"plan: {out / 'plan.json'}, map: {out / 'plan.png'} (measured in {doc['measured']['seconds']:.0f} s)"
+    )
+    return 0
+
+
+def _print_plan(doc: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = doc["target"]
+    where = (
+        f"{t['nodes']} node(s) x {t['gpus']} GPU(s) at {t['gpu_rate']:,.0f} img/s each, "
+        f"{t['cores_per_node']} cores per node ({t['cores_per_node'] / t['gpus']:g} per GPU)"
+        if t["gpu_rate"]
+        else f"the CPU: {t['cores_per_node']} cores, the model trains on them too"
+    )
+    table = Table(title=f"{doc['spec']['model']} on {where}", title_justify="left")
+    for col in ("loader", "img/s per GPU", "img/s in all", "bound", "cores/GPU for 95 %", "what to change"):
+        table.add_column(col)
+    for r in sorted(doc["predictions"], key=lambda r: -r["per_gpu_ips"]):
+        need = r["cores_per_gpu_for_95"]
+        table.add_row(
+            r["loader"],
+            f"{r['per_gpu_ips']:,.0f}",
+            f"{r['total_ips']:,.0f}",
+            r["bound"],
+            "-" if need is None else str(need),
+            r["advice"],
+        )
+    Console(width=160).print(table)
+
+
 def _report_parsers(sub) -> None:
     p = sub.add_parser("report", help="render a folder of results into README.md with plots")
     p.add_argument(
@@ -403,6 +488,7 @@ def parser() -> argparse.ArgumentParser:
     _upload_parser(data_sub)
     sub.add_parser("backends", help="list the loader backends and whether each is installed")
     _harness_parsers(sub)
+    _plan_parser(sub)
     _report_parsers(sub)
     return p
 
@@ -430,7 +516,7 @@ def _keep_interrupts(default):
     def hook(unraisable):
         if isinstance(unraisable.exc_value, KeyboardInterrupt):
             threading.Thread(target=again, daemon=True).start()
-        else:
+        elif not numba_finaliser_keyerror(unraisable):
             default(unraisable)
 
     return hook
@@ -456,9 +542,21 @@ def resumed(args, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return old, command[1:]
 
 
+def numba_finaliser_keyerror(unraisable) -> bool:
+    """numba's dispatcher finaliser raises KeyError when the cyclic GC has already cleared its
+    overloads dict (FFCV builds new numba functions per Loader); harmless, upstream."""
+    tb = unraisable.exc_traceback
+    if not isinstance(unraisable.exc_value, KeyError) or tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return code.co_name == "finalizer" and "numba" in code.co_filename
+
+
 def _main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    with_argv = {"run": cmd_run, "sweep": cmd_sweep, "doctor": cmd_doctor, "tune": cmd_tune}
+    with_argv = {"run": cmd_run, "sweep": cmd_sweep, "doctor": cmd_doctor, "tune": cmd_tune, "plan": cmd_plan}
     try:
         if args.command == "sweep" and args.resume:
             args, argv = resumed(args, argv)

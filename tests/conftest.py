@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ["LOADERBENCH_BACKENDS"] = "tests.toy_backend:ToyBackend"
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
-from loaders.contract import MEAN, STD  # noqa: E402  (after the registration above)
+from bench.cli import numba_finaliser_keyerror  # noqa: E402  (after the registration above)
+from loaders.contract import MEAN, STD  # noqa: E402
 
 # Probe set: flat-colour JPEGs. A crop, resize or flip of a flat image is the same flat image, so
 # the colour of any output batch row names the sample it came from, whatever the augmentation.
@@ -161,18 +162,6 @@ def copy_tree(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _numba_finaliser_keyerror(unraisable) -> bool:
-    """numba's dispatcher finaliser raises KeyError when the cyclic GC has already cleared its
-    overloads dict (FFCV builds new numba functions per Loader); harmless, upstream."""
-    tb = unraisable.exc_traceback
-    if not isinstance(unraisable.exc_value, KeyError) or tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    code = tb.tb_frame.f_code
-    return code.co_name == "finalizer" and "numba" in code.co_filename
-
-
 @pytest.hookimpl(trylast=True)  # after pytest's own unraisable hook is installed, to wrap it
 def pytest_configure(config):
     # pytest's hook formats the traceback at once, inside the garbage collector; on Python 3.11
@@ -184,7 +173,7 @@ def pytest_configure(config):
     pytest_hook = sys.unraisablehook
 
     def hook(unraisable):
-        if not _numba_finaliser_keyerror(unraisable):
+        if not numba_finaliser_keyerror(unraisable):
             pytest_hook(unraisable)
 
     sys.unraisablehook = hook

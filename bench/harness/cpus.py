@@ -59,7 +59,7 @@ def confine(cores: list[int]) -> None:
             pass
     os.sched_setaffinity(0, cores)
     n = str(len(cores))
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):  # children and late imports
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # children; numba sizes its pool once: FFCV caps it
         os.environ[var] = n
     torch.set_num_threads(len(cores))
 

@@ -1,0 +1,427 @@
+"""`bench plan`: which loader wins at a CPU budget, and how many cores N GPUs need.
+
+Measured here, in this process, one after the other (fresh processes would spend most of the
+minute the planner has on starting Python and torch): each installed backend's loader-only
+images/s confined to 1, 2 .. K cores with as many workers or threads (the scaling curve), the
+model's training rate (the synthetic loader, at the same core counts, unless the GPU's rate is
+given), and the storage read rate. Then, for G GPUs on a node of C cores (M nodes):
+
+- a GPU trains on its own: images/s per GPU = min(loader at C/G cores, GPU rate, storage / G);
+- the CPU (no GPU rate): the loader and the model share the cores, so their times add up:
+  1 / (1 / loader(c) + 1 / model(c)).
+
+Between measured core counts the curve is interpolated; beyond the last one it follows the power
+law through the first and the last point (rate ~ cores^a, a <= 1: never better than linear).
+docs/plan.md has the model, its validation and what it leaves out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loaders import backends, build_loader
+from loaders.pagecache import evict, files_under
+from loaders.stored import write_json
+
+from ..errors import UsageError
+from ..trainer import TrainConfig, build_model, measure, train
+from . import cpus, envinfo
+from .spec import RunSpec
+
+SCHEMA = "loaderbench.plan/1"
+
+# Published or measured per-GPU training rates (images/s) for `--gpu NAME`: model -> name -> (rate, source).
+GPU_RATES = {
+    "resnet50": {
+        "a100-80gb": (
+            2470,
+            "NVIDIA DeepLearningExamples, PyTorch ResNet50 v1.5 README, training performance, "
+            "DGX A100 (1x A100 80GB), mixed precision, pytorch-21.03 NGC container",
+        ),
+        "v100-16gb": (
+            1200,
+            "NVIDIA DeepLearningExamples, PyTorch ResNet50 v1.5 README, training performance, "
+            "DGX-1 (1x V100 16GB), mixed precision, pytorch-21.03 NGC container",
+        ),
+        "v100-32gb": (
+            1156,
+            "NVIDIA DeepLearningExamples, PyTorch ResNet50 v1.5 README, training performance, "
+            "DGX-1 (1x V100 32GB), mixed precision, pytorch-21.03 NGC container",
+        ),
+        "h100": (
+            3755,
+            "measured here: reports/ladder-h100-resnet50, synthetic ceiling, bf16 + channels_last, "
+            "batch 128, torch 2.11+cu130 (one H100 80GB)",
+        ),
+    },
+}
+
+TARGET = 0.95  # "fed": the loader reaches this fraction of the model's rate
+
+
+@dataclass
+class Curve:
+    """Images/s at a number of cores, measured at ``cores``; ``at`` gives any other count."""
+
+    cores: list[int]
+    ips: list[float]
+
+    @property
+    def exponent(self) -> float:
+        if len(self.cores) < 2 or min(self.ips) <= 0:
+            return 1.0
+        a = math.log(self.ips[-1] / self.ips[0]) / math.log(self.cores[-1] / self.cores[0])
+        return min(1.0, max(0.0, a))
+
+    def at(self, c: float) -> float:
+        cs, v = self.cores, self.ips
+        if c <= cs[0]:
+            return v[0] * c / cs[0]
+        for (c0, v0), (c1, v1) in zip(zip(cs, v), zip(cs[1:], v[1:])):
+            if c <= c1:
+                return v0 + (v1 - v0) * (c - c0) / (c1 - c0)
+        return v[-1] * (c / cs[-1]) ** self.exponent
+
+    def cores_for(self, rate: float, limit: int = 4096) -> int | None:
+        """The fewest whole cores at which this curve reaches ``rate`` (None: not within ``limit``)."""
+        for c in range(1, limit + 1):
+            if self.at(c) >= rate:
+                return c
+        return None
+
+
+@dataclass
+class Target:
+    gpus: int = 1
+    cores_per_node: int = 0
+    nodes: int = 1
+    gpu_rate: float | None = None  # None: the model trains on the CPU cores (measured)
+    gpu_source: str | None = None
+
+    @property
+    def cores_per_gpu(self) -> float:
+        return self.cores_per_node / self.gpus
+
+
+@dataclass
+class Measured:
+    loaders: dict[str, Curve] = field(default_factory=dict)
+    model: Curve | None = None
+    storage_ips: dict[str, float] = field(default_factory=dict)  # per backend: what its files read at
+    seconds: float = 0.0
+
+
+def predict(m: Measured, t: Target, loader: str, cores: float | None = None) -> dict:
+    """One backend's end-to-end images/s on the target (per GPU or rank, and in all)."""
+    c = t.cores_per_gpu if cores is None else cores
+    load = m.loaders[loader].at(c)
+    store = m.storage_ips.get(loader)
+    if t.gpu_rate is not None:
+        limits = {"input": load, "compute": t.gpu_rate}
+        if store:
+            limits["storage"] = store / t.gpus  # one node's storage feeds its G GPUs
+        bound = min(limits, key=limits.get)
+        per = limits[bound]
+        ceiling = t.gpu_rate
+        need = m.loaders[loader].cores_for(TARGET * t.gpu_rate)
+    else:
+        model = m.model.at(c)
+        per = 1.0 / (1.0 / load + 1.0 / model)
+        bound = "input" if load < model else "compute"
+        ceiling = model
+        need = None  # on the CPU more cores raise the ceiling with them
+    return {
+        "loader": loader,
+        "cores_per_gpu": c,
+        "loader_ips": load,
+        "per_gpu_ips": per,
+        "total_ips": per * t.gpus * t.nodes,
+        "fraction_of_ceiling": per / ceiling,
+        "bound": bound,
+        "cores_per_gpu_for_95": need,
+    }
+
+
+def advice(rows: list[dict], t: Target) -> dict[str, str]:
+    best = max(rows, key=lambda r: r["per_gpu_ips"])
+    out = {}
+    for r in rows:
+        c = r["cores_per_gpu"]
+        if t.gpu_rate is None:  # the loader and the model take turns on the same cores
+            share = r["per_gpu_ips"] / r["loader_ips"]
+            say = f"loading takes {share:.0%} of the {c:g} cores' time, the model the rest"
+            if best["loader"] != r["loader"]:
+                say += f"; {best['loader']} does {best['per_gpu_ips'] / r['per_gpu_ips']:.2f}x"
+            out[r["loader"]] = say
+        elif r["bound"] == "compute":
+            out[r["loader"]] = f"compute-bound at {c:g} cores per GPU: a faster loader buys nothing; " + (
+                "spare cores are free for other work" if t.gpu_rate else "more cores speed the model"
+            )
+        elif r["bound"] == "storage":
+            out[r["loader"]] = (
+                "storage-bound: fewer, larger reads (shards, .beton), a cache, or faster storage"
+            )
+        else:
+            need = r["cores_per_gpu_for_95"]
+            say = f"input-bound at {c:g} cores per GPU"
+            if need:
+                say += f"; needs {need} cores per GPU ({need * t.gpus} per node) for 95 % of the GPU"
+            if best["loader"] != r["loader"]:
+                say += f"; {best['loader']} does {best['per_gpu_ips'] / r['per_gpu_ips']:.2f}x at this ratio"
+            elif t.gpu_rate:
+                say += "; the best loader here: more cores per GPU or GPU decode"
+            out[r["loader"]] = say
+    return out
+
+
+# -- measuring --------------------------------------------------------------------------------------
+
+
+def _loader_ips(spec: RunSpec, source: Path, steps: int, warmup: int) -> tuple[float, int]:
+    """(images/s after ``warmup`` of ``steps`` batches, the samples the loader reads)."""
+    common = dict(
+        batch_size=spec.batch_size,
+        image_size=spec.image_size,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        seed=spec.seed,
+        rank=0,
+        world_size=1,
+        options=spec.options,
+    )
+    loader = build_loader(spec.loader, source, train=True, drop_last=True, **common)
+    try:
+        epochs = math.ceil(steps / len(loader))
+        cfg = TrainConfig(epochs=epochs, max_steps=steps, warmup_steps=warmup)
+        if spec.loader_only:
+            out = measure(loader, cfg, torch.device("cpu"), log=lambda *a, **k: None)
+        else:
+            model = build_model(spec.model, len(loader.classes))
+            cfg = dataclasses.replace(cfg, amp=spec.amp, channels_last=spec.channels_last)
+            out = train(model, loader, None, cfg, torch.device("cpu"), log=lambda *a, **k: None)
+    finally:
+        loader.close()
+    return out.images_per_second, loader.num_samples
+
+
+def _storage_ips(files: list[Path], samples: int, cold: bool, budget_s: float = 1.0) -> float:
+    """Images/s the files read at (sequential 4 MB reads, for at most ``budget_s``)."""
+    if cold:
+        evict(files)
+    total = sum(f.stat().st_size for f in files)
+    read, start = 0, time.perf_counter()
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while chunk := fh.read(4 << 20):
+                read += len(chunk)
+        if time.perf_counter() - start > budget_s:
+            break
+    seconds = time.perf_counter() - start
+    return (read / seconds) / (total / samples) if read and seconds > 0 else float("inf")
+
+
+def measure_here(
+    spec: RunSpec,
+    loaders: list[str],
+    max_cores: int,
+    model_cores: bool,
+    steps: int = 16,
+    warmup: int = 3,
+    trials: int = 1,
+    log=print,
+) -> Measured:
+    from .runner import resolve_data
+
+    start = time.perf_counter()
+    m = Measured()
+    everything = cpus.allowed()
+    counts = list(range(max_cores, 0, -1))  # most cores first: pools are sized down, never up
+    for name in loaders:
+        s = dataclasses.replace(spec.with_loader(name), loader_only=True)
+        train_dir, _ = resolve_data(s, progress=False)
+        cpus.confine(everything)
+        source = s.backend.stored(train_dir, s.options)  # converted once, outside the timing
+        ips = {}
+        for k in counts:
+            cpus.confine(everything[:k])
+            ks = dataclasses.replace(s.with_loader(name, workers=k), loader_only=True)
+            got = [_loader_ips(ks, source, steps, warmup) for _ in range(trials)]
+            ips[k], samples = statistics.median(g[0] for g in got), got[0][1]
+            log(f"  {name:10s} {k:3d} core(s): {ips[k]:10,.1f} img/s (loader only)")
+        m.loaders[name] = Curve(sorted(ips), [ips[k] for k in sorted(ips)])
+        cpus.confine(everything)
+        m.storage_ips[name] = _storage_ips(files_under(source), samples, cold=spec.storage == "cold")
+    if model_cores:
+        ceiling = next(b.name for b in backends() if b.is_ceiling)
+        s = dataclasses.replace(spec.with_loader(ceiling), loader_only=False)
+        train_dir, _ = resolve_data(s, progress=False)
+        rates = {}
+        for k in counts:
+            cpus.confine(everything[:k])
+            rates[k], _ = _loader_ips(s, train_dir, max(warmup + 3, steps // 2), warmup)
+            log(f"  {spec.model} on the CPU, {k:3d} core(s): {rates[k]:10,.1f} img/s (synthetic data)")
+        m.model = Curve(sorted(rates), [rates[k] for k in sorted(rates)])
+    cpus.confine(everything)
+    m.seconds = time.perf_counter() - start
+    return m
+
+
+# -- the record and the map -------------------------------------------------------------------------
+
+
+def document(spec: RunSpec, t: Target, m: Measured, command: list[str]) -> dict:
+    rows = [predict(m, t, name) for name in m.loaders]
+    say = advice(rows, t)
+    for r in rows:
+        r["advice"] = say[r["loader"]]
+    return {
+        "schema": SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": command,
+        "target": dataclasses.asdict(t),
+        "spec": {
+            "model": spec.model,
+            "batch_size": spec.batch_size,
+            "image_size": spec.image_size,
+            "amp": spec.amp,
+            "channels_last": spec.channels_last,
+            "data": spec.data,
+            "storage": spec.storage,
+        },
+        "measured": {
+            "loaders": {k: dataclasses.asdict(v) for k, v in m.loaders.items()},
+            "model_on_cpu": dataclasses.asdict(m.model) if m.model else None,
+            "storage_ips": m.storage_ips,
+            "seconds": m.seconds,
+            "machine_cores": len(cpus.allowed()),
+        },
+        "environment": envinfo.collect(),
+        "predictions": rows,
+    }
+
+
+def measured_from(doc: dict) -> Measured:
+    """The measurements a plan.json recorded, to predict again from them."""
+    rec = doc["measured"]
+    model = rec.get("model_on_cpu")
+    return Measured(
+        loaders={k: Curve(**v) for k, v in rec["loaders"].items()},
+        model=Curve(**model) if model else None,
+        storage_ips=rec["storage_ips"],
+        seconds=rec["seconds"],
+    )
+
+
+def measured_points(folder: Path | None) -> list[dict]:
+    """End-to-end `bench run --cpus N` results under ``folder``: drawn on the map where they exist."""
+    if folder is None:
+        return []
+    from .report import results_in
+
+    pts = []
+    for r in results_in(folder).values():
+        if r.config.get("cpus") and not r.config.get("loader_only"):
+            pts.append({"loader": r.config["loader"], "cpus": r.config["cpus"], "ips": r.ips})
+    return pts
+
+
+def draw(doc: dict, m: Measured, t: Target, path: Path, points: list[dict]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # a CPU target is drawn near what was measured; a GPU node out to the ratios real nodes give
+    top = max(16, math.ceil(t.cores_per_gpu * 2)) if t.gpu_rate else max(4, math.ceil(t.cores_per_gpu * 2))
+    xs = [x / 4 for x in range(2, 4 * top + 1)]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name in m.loaders:
+        line = ax.plot(xs, [predict(m, t, name, x)["per_gpu_ips"] for x in xs], label=name)[0]
+        mine = [p for p in points if p["loader"] == name]
+        if mine:
+            ax.scatter(
+                [p["cpus"] for p in mine],
+                [p["ips"] for p in mine],
+                color=line.get_color(),
+                marker="o",
+                zorder=3,
+                label=f"{name} measured",
+            )
+    if t.gpu_rate:
+        ax.axhline(t.gpu_rate, color="grey", ls="--", label=f"GPU rate {t.gpu_rate:,.0f} img/s")
+    where = f"this node: {t.cores_per_gpu:g} cores per GPU" if t.gpu_rate else f"{t.cores_per_gpu:g} cores"
+    ax.axvline(t.cores_per_gpu, color="black", ls=":", label=where)
+    ax.set_xlabel("cores per GPU" if t.gpu_rate else "cores (the model trains on them too)")
+    ax.set_ylabel("predicted images/s per GPU" if t.gpu_rate else "predicted images/s")
+    ax.set_title(f"{doc['spec']['model']}: which loader wins at which CPU budget")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, None)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def target_from(args, model: str) -> Target:
+    cores = args.cores_per_node or len(cpus.allowed())
+    for name, value in (("--gpus", args.gpus), ("--nodes", args.nodes), ("--cores-per-node", cores)):
+        if value < 1:
+            raise UsageError(f"{name} must be >= 1, got {value}")
+    rate, source = args.gpu_rate, "--gpu-rate" if args.gpu_rate else None
+    if args.gpu:
+        known = GPU_RATES.get(model, {})
+        if args.gpu not in known:
+            raise UsageError(
+                f"--gpu {args.gpu}: no published rate for {model}; known for {model}: "
+                f"{', '.join(known) or 'none'} (or give --gpu-rate IMG_S)"
+            )
+        rate, source = known[args.gpu]
+    if getattr(args, "storage", None) == "s3":
+        raise UsageError("bench plan reads local files; for object storage measure `bench run --storage s3`")
+    if rate is not None and rate <= 0:
+        raise UsageError(f"--gpu-rate must be > 0, got {rate}")
+    return Target(gpus=args.gpus, cores_per_node=cores, nodes=args.nodes, gpu_rate=rate, gpu_source=source)
+
+
+def plan(
+    spec: RunSpec,
+    t: Target,
+    out: Path,
+    command: list[str],
+    loaders: list[str] | None,
+    max_cores: int,
+    measured_dir: Path | None,
+    steps: int,
+    trials: int = 1,
+    log=print,
+) -> dict:
+    installed = [b.name for b in backends() if b.installed and not b.is_ceiling]
+    loaders = loaders or installed
+    missing = [n for n in loaders if n not in installed]
+    if missing:
+        raise UsageError(f"--loaders: {', '.join(missing)} not installed (installed: {', '.join(installed)})")
+    have = len(cpus.allowed())
+    max_cores = max_cores or have
+    if not 1 <= max_cores <= have:
+        raise UsageError(f"--max-cores {max_cores}: this process may use 1 to {have} cores")
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("NUMBA_THREADING_LAYER", "omp")  # affinity narrowed and widened (see loaders/ffcv)
+    log(f"measuring on this machine ({have} cores), 1..{max_cores} core(s):")
+    if trials < 1:
+        raise UsageError(f"--trials must be >= 1, got {trials}")
+    m = measure_here(spec, loaders, max_cores, t.gpu_rate is None, steps=steps, trials=trials, log=log)
+    doc = document(spec, t, m, command)
+    doc["measured_points"] = measured_points(measured_dir)
+    write_json(out / "plan.json", doc)
+    draw(doc, m, t, out / "plan.png", doc["measured_points"])
+    return doc

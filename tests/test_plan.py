@@ -1,0 +1,86 @@
+"""`bench plan`: the prediction model on known curves, and the command end to end on tiny data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.harness.plan import GPU_RATES, Curve, Measured, Target, predict
+
+from .conftest import bench
+
+
+def test_a_curve_interpolates_and_never_extrapolates_better_than_linear():
+    c = Curve([1, 2], [100.0, 180.0])
+    assert c.at(1) == 100 and c.at(2) == 180 and c.at(1.5) == pytest.approx(140)
+    assert c.at(0.5) == pytest.approx(50)  # below the first point: proportional
+    a = c.exponent
+    assert 0.8 < a < 0.9 and c.at(8) == pytest.approx(180 * 4**a)
+    assert Curve([1, 2], [100.0, 250.0]).at(4) == pytest.approx(500)  # super-linear capped at linear
+    assert Curve([1, 2], [100.0, 90.0]).at(8) == pytest.approx(90)  # no gain stays no gain
+    assert c.cores_for(180) == 2 and c.cores_for(181) == 3 and Curve([1], [0.0]).cores_for(1, limit=8) is None
+
+
+def test_a_gpu_node_is_fed_by_its_share_of_the_cores():
+    m = Measured(loaders={"slow": Curve([1, 2], [100.0, 200.0]), "fast": Curve([1, 2], [300.0, 600.0])})
+    t = Target(gpus=8, cores_per_node=64, gpu_rate=1000.0)  # 8 cores per GPU
+    slow, fast = predict(m, t, "slow"), predict(m, t, "fast")
+    assert slow["loader_ips"] == pytest.approx(800) and slow["bound"] == "input"
+    assert slow["per_gpu_ips"] == pytest.approx(800) and slow["total_ips"] == pytest.approx(6400)
+    assert slow["cores_per_gpu_for_95"] == 10  # 950 img/s at 100 per core
+    assert fast["bound"] == "compute" and fast["per_gpu_ips"] == 1000 and fast["cores_per_gpu_for_95"] == 4
+    # storage shared by the node's GPUs caps them all
+    m.storage_ips = {"fast": 4000.0}
+    capped = predict(m, t, "fast")
+    assert capped["bound"] == "storage" and capped["per_gpu_ips"] == pytest.approx(500)
+    assert (
+        predict(m, Target(gpus=8, cores_per_node=64, nodes=4, gpu_rate=1000.0), "slow")["total_ips"] == 25600
+    )
+
+
+def test_on_the_cpu_the_loader_and_the_model_take_turns():
+    m = Measured(loaders={"a": Curve([1], [300.0])}, model=Curve([1], [600.0]))
+    p = predict(m, Target(gpus=1, cores_per_node=1), "a")
+    assert p["per_gpu_ips"] == pytest.approx(200) and p["bound"] == "input"  # 1 / (1/300 + 1/600)
+
+
+@pytest.mark.slow
+def test_bench_plan_measures_and_predicts(small_data, tmp_path):
+    args = ["--data", str(small_data), "--loaders", "torch", "--batch-size", "16", "--image-size", "48"]
+    p = bench(
+        "plan", *args, "--model", "resnet50", "--gpus", "8", "--cores-per-node", "64", "--gpu-rate", "3000",
+        "--steps", "6", "--out", str(tmp_path / "p"), cwd=tmp_path,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    doc = json.loads((tmp_path / "p" / "plan.json").read_text())
+    curve = doc["measured"]["loaders"]["torch"]
+    assert curve["cores"] and curve["cores"][0] == 1 and all(v > 0 for v in curve["ips"])
+    (row,) = doc["predictions"]
+    assert row["loader"] == "torch" and row["cores_per_gpu"] == 8 and row["bound"] in ("input", "compute")
+    assert row["per_gpu_ips"] <= 3000 and row["total_ips"] == pytest.approx(8 * row["per_gpu_ips"])
+    assert doc["measured"]["model_on_cpu"] is None  # the GPU's rate was given
+    assert (tmp_path / "p" / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "torch" in p.stdout and row["bound"] in p.stdout
+
+    # a named GPU takes its published rate; unknown ones and impossible budgets are refused
+    named = bench("plan", *args, "--model", "resnet50", "--gpu", "nope", cwd=tmp_path)
+    assert named.returncode == 2 and "--gpu nope: no published rate for resnet50" in named.stderr
+    many = bench("plan", *args, "--max-cores", "999", cwd=tmp_path)
+    assert many.returncode == 2 and "--max-cores 999" in many.stderr
+
+
+def test_a_named_gpu_gives_its_published_rate_and_source():
+    from argparse import Namespace
+
+    from bench.harness.plan import target_from
+
+    args = Namespace(gpus=8, cores_per_node=64, nodes=2, gpu_rate=None, gpu="a100-80gb")
+    t = target_from(args, "resnet50")
+    assert t.gpu_rate == 2470 and "DeepLearningExamples" in t.gpu_source and t.cores_per_gpu == 8
+
+
+def test_every_named_gpu_rate_names_its_source():
+    for model, table in GPU_RATES.items():
+        for name, (rate, source) in table.items():
+            assert rate > 0 and len(source) > 40, (model, name)
