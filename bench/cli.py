@@ -5,8 +5,10 @@ from __future__ import annotations
 import _thread
 import argparse
 import dataclasses
+import faulthandler
 import gc
 import os
+import signal
 import sys
 import threading
 import time
@@ -496,6 +498,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     previous = sys.unraisablehook
     sys.unraisablehook = _keep_interrupts(previous)
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: how a stuck run says where it is
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         return _main(list(sys.argv[1:] if argv is None else argv))
     finally:

@@ -88,8 +88,18 @@ def finish(proc: subprocess.Popen, timeout: float) -> tuple[float, str]:
     try:
         _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        # What was left, and where bench's threads stood (faulthandler on SIGUSR1): the cause, next time
+        running = proc.poll() is None
+        left = [f"{p.pid} {p.status()} {command(p)[:80]}" for p in descendants(proc) if alive([p])]
+        if running:
+            os.kill(proc.pid, signal.SIGUSR1)
+            time.sleep(1)
         os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"bench did not exit within {timeout:.0f} s")
+        _, err = proc.communicate(timeout=30)
+        pytest.fail(
+            f"bench did not exit within {timeout:.0f} s (bench {'still running' if running else 'exited'}; "
+            f"processes left: {left or 'none'}); its stderr and stacks:\n{(err or '')[-6000:]}"
+        )
     return time.monotonic() - start, err
 
 
