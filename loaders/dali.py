@@ -42,7 +42,7 @@ from .contract import (
     shard_indices,
     shard_sizes,
 )
-from .pil import decode_problem
+from .images import decode_problem
 
 DECODES = ("auto", "gpu", "cpu")
 READERS = ("file", "wds")

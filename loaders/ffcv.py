@@ -31,7 +31,7 @@ from . import objstore
 from .backend import Backend
 from .contract import BaseLoader, LoaderConfig, LoaderError, available_cores, rank_share, scan_imagefolder
 from .feed import normalize_uint8
-from .pil import decode_problem, decode_rgb
+from .images import decode_problem, decode_rgb
 from .stored import cache_dir, cached, file_entry, require_manifest, temp_output, verify_files
 
 ORDERS = ("random", "quasi_random")

@@ -3,11 +3,14 @@
 Every acceleration knob is its own option so the harness can measure each one:
 ``num_workers``, ``pin_memory`` (+ ``non_blocking`` copies), ``persistent_workers``,
 ``prefetch_factor`` and ``device_normalize`` (uint8 collate, host->device copy on a side CUDA
-stream one batch ahead, normalisation on the device: timm's PrefetchLoader idea).
+stream one batch ahead, normalisation on the device: timm's PrefetchLoader idea). ``decode``: ``cpu``
+(torchvision.io's libjpeg-turbo, the default), ``pil`` (the PIL path, for comparison) or ``gpu``
+(workers read bytes, the main process decodes with nvJPEG: see gpudecode.py).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +20,8 @@ from . import objstore
 from .backend import Backend
 from .contract import BaseLoader, LoaderConfig, LoaderError, rank_share, scan_imagefolder, shard_indices
 from .feed import DeviceFeed
-from .pil import BadSample, collate_checked, describe_pil, sample, transform_for
+from .gpudecode import collate_encoded, decode_batch, encoded_sample
+from .images import BadSample, check_decoder, collate_checked, describe_pipeline, sample, transform_for
 from .workers import check_worker_options, worker_loader
 
 
@@ -31,6 +35,7 @@ class Options:
     device_normalize: bool = False  # uint8 collate + normalise on the device
     timeout: float = 0  # seconds to wait for one batch from the workers; 0 waits forever (DataLoader's)
     s3_requests: int = 16  # s3:// data: GETs in flight per worker (a batch's images are fetched together)
+    decode: str = "cpu"  # cpu (torchvision.io, PIL fallback) | pil | gpu (nvJPEG in the main process)
 
 
 class TorchBackend(Backend):
@@ -51,6 +56,13 @@ class TorchBackend(Backend):
         check_worker_options(opts)
         if opts.s3_requests < 1:
             raise LoaderError(f"s3_requests must be >= 1, got {opts.s3_requests}")
+        if opts.decode != "gpu":
+            check_decoder(opts.decode, "torch")
+        elif cfg.device.type != "cuda":
+            raise LoaderError(
+                f"torch decode='gpu' decodes with nvJPEG on a CUDA device; this run's device is {cfg.device} "
+                "(use decode='cpu')"
+            )
         if cfg.data is None:
             raise LoaderError("the torch backend needs data= (an ImageFolder split folder)")
         remote = objstore.is_url(cfg.data)  # one GET per image, from every worker
@@ -63,9 +75,10 @@ class _Samples(Dataset):
     """Decodes and augments one sample. Keys are (epoch, index) so that augmentation is seeded
     per sample and epoch: the same seed gives the same images whatever the worker count."""
 
-    def __init__(self, index, transform, seed: int, requests: int = 1):
+    def __init__(self, index, transform, seed: int, requests: int = 1, encoded: bool = False):
         self.paths, self.labels = index.paths, index.labels
         self.transform = transform
+        self.make = encoded_sample if encoded else sample
         self.seed = seed
         self.remote = objstore.is_url(str(index.root))
         self.requests = requests
@@ -103,7 +116,7 @@ class _Samples(Dataset):
         if isinstance(source, BadSample):
             return source
         path = str(self.paths[i])
-        return sample(self.transform, source, path, int(self.labels[i]), self.seed, epoch, int(i))
+        return self.make(self.transform, source, path, int(self.labels[i]), self.seed, epoch, int(i))
 
 
 class _EpochKeys(Sampler):
@@ -132,7 +145,12 @@ class TorchLoader(BaseLoader):
         super().__init__(cfg, *rank_share(n, cfg, cfg.data), index.classes)
         self.options = opts
         self.index = index
-        self._feed = DeviceFeed.for_options(cfg, opts)
+        gpu = opts.decode == "gpu"
+        # GPU decode yields normalised batches on the device already: the feed only casts them.
+        self._feed = DeviceFeed(cfg, False, False) if gpu else DeviceFeed.for_options(cfg, opts)
+        self._transform = transform_for(
+            cfg, float_in_workers=not (opts.device_normalize or gpu), decoder="cpu" if gpu else opts.decode
+        )
         if cfg.train:
             # DistributedSampler pads to equal shards (<= world_size - 1 repeats): DDP never hangs.
             self._index_sampler = DistributedSampler(
@@ -148,28 +166,28 @@ class TorchLoader(BaseLoader):
                 n, cfg.rank, cfg.world_size, shuffle=False, seed=cfg.seed, epoch=epoch, pad=False
             )
         self._loader = worker_loader(
-            _Samples(
-                index,
-                transform_for(cfg, float_in_workers=not opts.device_normalize),
-                cfg.seed,
-                opts.s3_requests,
-            ),
+            _Samples(index, self._transform, cfg.seed, opts.s3_requests, encoded=gpu),
             opts,
             self.name,
             cfg.device.type == "cuda",
             batch_size=cfg.batch_size,
             sampler=_EpochKeys(self),
-            collate_fn=collate_checked,
+            collate_fn=collate_encoded
+            if gpu
+            else functools.partial(collate_checked, normalize=self._transform.normalize),
             drop_last=cfg.drop_last,
             # Workers share the main process's numpy/torch seeds only through this generator.
             generator=torch.Generator().manual_seed(cfg.seed),
         )
 
     def describe(self) -> dict:
-        return {**super().describe(), **describe_pil(self.options, self.config)}
+        return {**super().describe(), **describe_pipeline(self.options, self.config)}
 
     def _batches(self):
         for images, labels, bad in self._loader:
+            if images is not None and self.options.decode == "gpu":
+                images, kept, more = decode_batch(images, self._transform, self.config)
+                labels, bad = labels[kept], bad + more
             self._skip_or_raise(bad, batch_empty=images is None)
             if images is not None:
                 yield images, labels

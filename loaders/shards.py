@@ -22,7 +22,7 @@ import numpy as np
 
 from . import objstore
 from .contract import LoaderError, scan_imagefolder
-from .pil import shrink
+from .images import shrink
 from .stored import cache_dir, cached, file_entry, require_manifest, temp_output, verify_files
 from .stored import read_manifest as read_own_manifest
 

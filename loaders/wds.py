@@ -28,7 +28,7 @@ from . import objstore
 from .backend import Backend
 from .contract import BaseLoader, LoaderConfig, LoaderError, num_batches, shard_sizes
 from .feed import DeviceFeed
-from .pil import collate_checked, describe_pil, sample, transform_for
+from .images import check_decoder, collate_checked, describe_pipeline, sample, transform_for
 from .shards import (
     Sharding,
     check_sharding,
@@ -55,6 +55,7 @@ class Options:
     device_normalize: bool = False  # uint8 batches, normalised on the device
     timeout: float = 0  # seconds to wait for one batch from the workers; 0 waits forever
     shuffle_buffer: int = 1000  # samples per worker in webdataset's shuffle buffer (training)
+    decode: str = "cpu"  # cpu (torchvision.io, PIL fallback) | pil
     # storage choices when data is an ImageFolder split converted on first use
     shard_samples: int | None = None
     shard_mb: float = 64.0
@@ -87,6 +88,7 @@ class WdsBackend(Backend):
     def build(self, cfg: LoaderConfig, opts: Options) -> WdsLoader:
         import_wds()
         check_worker_options(opts)
+        check_decoder(opts.decode, "wds")
         if opts.shuffle_buffer < 0:
             raise LoaderError(f"shuffle_buffer must be >= 0, got {opts.shuffle_buffer}")
         check_sharding(sharding_of(opts))
@@ -183,7 +185,9 @@ class _ShardStream(IterableDataset):
         self.folder = loader.folder
         self.files = [s["file"] for s in loader.manifest["shards"]]
         self.counts = [s["samples"] for s in loader.manifest["shards"]]
-        self.transform = transform_for(cfg, float_in_workers=not loader.options.device_normalize)
+        self.transform = transform_for(
+            cfg, float_in_workers=not loader.options.device_normalize, decoder=loader.options.decode
+        )
         self.shuffle_buffer = loader.options.shuffle_buffer
         self.epoch = 0
 
@@ -236,7 +240,8 @@ class _ShardStream(IterableDataset):
                     int(s["__key__"]),
                 )
                 for s in samples
-            ]
+            ],
+            normalize=self.transform.normalize,
         )
 
     def __iter__(self):
@@ -274,7 +279,7 @@ class WdsLoader(BaseLoader):
         )
 
     def describe(self) -> dict:
-        d = {**super().describe(), **describe_pil(self.options, self.config)}
+        d = {**super().describe(), **describe_pipeline(self.options, self.config)}
         d.update(
             shards=len(self.manifest["shards"]),
             shard_folder=str(self.folder),

@@ -207,17 +207,17 @@ def test_a_worker_killed_during_the_hand_over_is_named():
 @pytest.mark.parametrize("name", PROCESS_WORKERS)
 def test_a_stuck_worker_ends_in_the_timeout_option(name, small_data, tmp_path, monkeypatch):
     """A worker blocked in I/O (a hung mount: alive, silent) is only bounded by -o timeout."""
-    import PIL.Image
+    import loaders.images
 
     parent, hang = os.getpid(), tmp_path / "hang"
-    real_open = PIL.Image.open
+    real_decode = loaders.images.decode_tensor
 
-    def open_or_hang(*args, **kwargs):  # forked workers inherit it; they block once `hang` exists
+    def decode_or_hang(*args, **kwargs):  # forked workers inherit it; they block once `hang` exists
         if os.getpid() != parent and hang.exists():
             time.sleep(3600)  # the worker's main thread only: its queue and fd-sharing threads live on
-        return real_open(*args, **kwargs)
+        return real_decode(*args, **kwargs)
 
-    monkeypatch.setattr(PIL.Image, "open", open_or_hang)
+    monkeypatch.setattr(loaders.images, "decode_tensor", decode_or_hang)
     loader = build_loader(
         name,
         small_data / "train",
@@ -757,11 +757,13 @@ def test_worker_memory_stays_flat_across_epochs(monkeypatch):
     workers inherit the stubs when they fork) so that the test measures what the loader itself keeps:
     the index is numpy arrays (no refcounted object per sample for workers to copy on read) and
     nothing accumulates per epoch."""
-    import loaders.pil as pil
+    import loaders.images as pil
     import loaders.pytorch as lp
 
     pixels = torch.zeros(3, 8, 8)
-    monkeypatch.setattr(pil, "decode_rgb", lambda source: None)  # the cheapest stand-in for a decode
+    monkeypatch.setattr(
+        pil, "decode_tensor", lambda source, decoder="cpu": None
+    )  # the cheapest stand-in for a decode
     monkeypatch.setattr(pil, "augment", lambda transform, image, seed, epoch, i: pixels)
     n = 200_000
     index = FolderIndex(

@@ -23,10 +23,12 @@ CUDA_VARIANTS = {
     "torch": [
         dict(num_workers=2, pin_memory=True),
         dict(num_workers=2, pin_memory=True, device_normalize=True),
+        dict(num_workers=2, decode="gpu"),
     ],
     "dali": [dict(decode="gpu"), dict(decode="cpu"), dict(decode="gpu", reader="wds")],
     "ffcv": [dict(num_workers=2)],
     "wds": [dict(num_workers=2, pin_memory=True, device_normalize=True)],
+    "spdl": [dict(num_threads=2, pin_memory=True), dict(num_threads=2, device_normalize=True)],
 }
 CASES = [
     pytest.param(name, opts, id=f"{name}-{'-'.join(f'{k}={v}' for k, v in opts.items())}")
@@ -147,3 +149,52 @@ def test_bench_run_on_cuda(name, small_data, tmp_path):
     r = json.loads(path.read_text())
     assert r["config"]["device"].startswith("cuda") and r["environment"]["gpus"]
     assert r["metrics"]["images_per_second"] > 0
+
+
+def test_torch_gpu_decode_train_batches_match_the_cpu_path(small_data):
+    """nvJPEG in the main process: the same crops and flips (drawn in the workers) as the CPU path."""
+
+    def batches(device, **o):
+        loader = build_loader(
+            "torch", small_data / "train", batch_size=8, image_size=64, device=device, num_workers=2, **o
+        )
+        loader.set_epoch(1)
+        out = [(x.float().cpu(), y.cpu()) for x, y in loader]
+        loader.close()
+        return out
+
+    gpu, cpu = batches("cuda", decode="gpu"), batches("cpu")
+    assert len(gpu) == len(cpu) > 1
+    for (xg, yg), (xc, yc) in zip(gpu, cpu):
+        assert torch.equal(yg, yc)
+        assert (xg - xc).abs().mean(dim=(1, 2, 3)).max() < 0.05
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_torch_gpu_decode_names_a_truncated_jpeg(policy, probe, tmp_path):
+    """A file whose header parses but whose data is cut: found by nvJPEG in the main process, named."""
+    import shutil
+
+    from loaders import BadSampleError
+
+    data = tmp_path / "d"
+    shutil.copytree(probe["root"] / "train", data)
+    victim = sorted(data.rglob("*.jpg"))[3]
+    victim.write_bytes(victim.read_bytes()[:-200])
+    loader = build_loader(
+        "torch",
+        data,
+        batch_size=4,
+        image_size=16,
+        device="cuda",
+        num_workers=2,
+        decode="gpu",
+        on_bad_sample=policy,
+    )
+    if policy == "stop":
+        with pytest.raises(BadSampleError, match=str(victim)):
+            list(loader)
+    else:
+        ids = [i for x, _ in loader for i in decode_ids(x)]
+        assert loader.skipped == [str(victim)] and len(ids) == len(probe["train"]) - 1
+    loader.close()

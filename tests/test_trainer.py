@@ -68,7 +68,7 @@ def test_loss_decreases_on_the_generated_set(amp, small_data):
         build_model("small", 4),
         train_loader,
         val_loader,
-        TrainConfig(epochs=4, lr=0.1, amp=amp, warmup_steps=2),
+        TrainConfig(epochs=4, lr=0.05, amp=amp, warmup_steps=2),  # 0.1 oscillated: 1.13, 0.69, 0.92, 0.69
         CPU,
         log=lambda *a: None,
     )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from loaders.backend import Backend
 from loaders.contract import BaseLoader, LoaderError, rank_share, scan_imagefolder, shard_indices
 from loaders.feed import DeviceFeed
-from loaders.pil import collate_checked, sample, transform_for
+from loaders.images import collate_checked, sample, transform_for
 
 
 @dataclass(frozen=True)

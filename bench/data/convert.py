@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from loaders.contract import LoaderError, scan_imagefolder
-from loaders.pil import decode_rgb, shrink
+from loaders.images import decode_rgb, shrink
 from loaders.stored import temp_output
 
 from .parallel import pool_map
