@@ -17,6 +17,13 @@ from .contract import BaseLoader, LoaderConfig, LoaderError
 TECHNIQUES = ("workers", "pin_memory", "persistent", "prefetch", "device_normalize")
 
 
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent package is missing
+        return False
+
+
 class Backend:
     name: ClassVar[str]
     summary: ClassVar[str]
@@ -33,7 +40,7 @@ class Backend:
     # -- what every backend has -------------------------------------------------------------------
     @property
     def missing(self) -> list[str]:
-        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+        return [m for m in self.requires if not _importable(m)]
 
     @property
     def installed(self) -> bool:

@@ -23,6 +23,7 @@ BUILTIN = (
     "loaders.dali:DaliBackend",
     "loaders.ffcv:FfcvBackend",
     "loaders.wds:WdsBackend",
+    "loaders.spdl:SpdlBackend",
 )
 
 BACKENDS: dict[str, Backend] = {}

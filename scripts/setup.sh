@@ -18,16 +18,27 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
 fi
 # Backends whose libraries install from PyPI alone: dali (CPU pipeline without CUDA, ~600 MB), wds;
 # s3: boto3 and moto's loopback S3 server for --storage s3.
-quiet_pip -e ".[dev,dali,wds,s3]"
+quiet_pip -e ".[dev,dali,wds,s3,spdl]"
+# spdl.io decodes with the system's FFmpeg (libavcodec 4-9 + libavfilter, libavdevice): Debian's ffmpeg.
+apt_install() {
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+if ! .venv/bin/python -c "import spdl.io; spdl.io.demux_config()" 2>/dev/null; then
+  if command -v apt-get >/dev/null; then
+    echo "setup: installing ffmpeg's libraries for spdl (apt, about a minute)" >&2
+    apt_install ffmpeg
+  else
+    echo "setup: spdl needs FFmpeg 4-9's shared libraries; its tests are skipped without them" >&2
+  fi
+fi
 # ffcv compiles against libturbojpeg and OpenCV found through pkg-config: Debian/Ubuntu packages.
 ffcv_deps() { pkg-config --exists libturbojpeg opencv4 2>/dev/null; }
 if ! .venv/bin/python -c "import ffcv" 2>/dev/null; then
   if ! ffcv_deps && command -v apt-get >/dev/null; then
     echo "setup: installing libturbojpeg0-dev, libopencv-dev, pkg-config for ffcv (apt, about a minute)" >&2
-    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-      libturbojpeg0-dev libopencv-dev pkg-config >/dev/null
+    apt_install libturbojpeg0-dev libopencv-dev pkg-config
   fi
   if ffcv_deps; then
     quiet_pip -e ".[ffcv]"

@@ -98,6 +98,8 @@ def damage(data):
 READERS = [pytest.param(("--workers", "0"), id="torch-w0"), pytest.param(("--workers", "2"), id="torch-w2")]
 if "dali" in available_backends():
     READERS.append(pytest.param(("--loader", "dali"), id="dali"))
+if "spdl" in available_backends():
+    READERS.append(pytest.param(("--loader", "spdl"), id="spdl"))
 
 
 @pytest.mark.parametrize("reader", READERS)
