@@ -35,12 +35,19 @@ def encoded_sample(
 
 
 def collate_encoded(batch):
-    """(encoded samples, labels, bad): the bytes stay a list (they differ in length)."""
+    """(encoded batch, labels, bad). The files' bytes travel as one concatenated tensor with their
+    lengths: a list of tensors would cost the main process a shared-memory file per image."""
     bad = [(b.path, b.reason) for b in batch if isinstance(b, BadSample)]
     good = [b for b in batch if not isinstance(b, BadSample)]
     if not good:
         return None, None, bad
-    return [g[0] for g in good], torch.tensor([g[1] for g in good], dtype=torch.int64), bad
+    encoded = {
+        "bytes": torch.cat([g[0][0] for g in good]),
+        "lengths": [len(g[0][0]) for g in good],
+        "boxes": [g[0][1] for g in good],
+        "where": [g[0][2] for g in good],
+    }
+    return encoded, torch.tensor([g[1] for g in good], dtype=torch.int64), bad
 
 
 def _decode(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | Exception]:
@@ -63,7 +70,10 @@ def _decode(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tenso
 def decode_batch(encoded, transform: ImageTransform, cfg: LoaderConfig):
     """(normalised images on ``cfg.device``, indices kept, bad [(where, reason)]) of a collated batch."""
     images, kept, bad = [], [], []
-    for k, (image, (_, box, where)) in enumerate(zip(_decode([e[0] for e in encoded], cfg.device), encoded)):
+    datas = list(torch.split(encoded["bytes"], encoded["lengths"]))
+    for k, (image, box, where) in enumerate(
+        zip(_decode(datas, cfg.device), encoded["boxes"], encoded["where"])
+    ):
         if isinstance(image, Exception):
             bad.append((where, f"{type(image).__name__}: {str(image).strip().splitlines()[-1]}"))
             continue

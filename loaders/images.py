@@ -97,9 +97,9 @@ def shrink(image, max_resolution: int | None):
     )
 
 
-def check_decoder(decoder: str, backend: str) -> None:
-    if decoder not in DECODERS:
-        raise LoaderError(f"{backend} option decode must be one of {', '.join(DECODERS)}, got {decoder!r}")
+def check_decoder(decoder: str, backend: str, allowed: tuple[str, ...] = DECODERS) -> None:
+    if decoder not in allowed:
+        raise LoaderError(f"{backend} option decode must be one of {', '.join(allowed)}, got {decoder!r}")
 
 
 def transform_for(cfg: LoaderConfig, float_in_workers: bool, decoder: str = "cpu") -> ImageTransform:

@@ -21,7 +21,15 @@ from .backend import Backend
 from .contract import BaseLoader, LoaderConfig, LoaderError, rank_share, scan_imagefolder, shard_indices
 from .feed import DeviceFeed
 from .gpudecode import collate_encoded, decode_batch, encoded_sample
-from .images import BadSample, check_decoder, collate_checked, describe_pipeline, sample, transform_for
+from .images import (
+    DECODERS,
+    BadSample,
+    check_decoder,
+    collate_checked,
+    describe_pipeline,
+    sample,
+    transform_for,
+)
 from .workers import check_worker_options, worker_loader
 
 
@@ -56,9 +64,8 @@ class TorchBackend(Backend):
         check_worker_options(opts)
         if opts.s3_requests < 1:
             raise LoaderError(f"s3_requests must be >= 1, got {opts.s3_requests}")
-        if opts.decode != "gpu":
-            check_decoder(opts.decode, "torch")
-        elif cfg.device.type != "cuda":
+        check_decoder(opts.decode, "torch", (*DECODERS, "gpu"))
+        if opts.decode == "gpu" and cfg.device.type != "cuda":
             raise LoaderError(
                 f"torch decode='gpu' decodes with nvJPEG on a CUDA device; this run's device is {cfg.device} "
                 "(use decode='cpu')"

@@ -75,3 +75,37 @@ def test_the_torch_backend_applies_exactly_draw_box(small_data):
         expected = crop_flip(image, draw_box(*image.shape[-2:], 5, 3, int(i)), 48)
         assert torch.equal(normalize_batch(expected[None])[0], images[k])
     loader.close()
+
+
+def test_the_gpu_decode_path_equals_the_cpu_path_when_decoded_on_the_cpu(small_data):
+    """decode='gpu' splits the work: workers read bytes and draw boxes (encoded_sample), the main
+    process decodes and crops (decode_batch on cfg.device). On the CPU the two halves must give the
+    default path's batch exactly; on CUDA tests/test_gpu.py compares them within nvJPEG's rounding."""
+    from loaders.gpudecode import collate_encoded, decode_batch, encoded_sample
+
+    for train in (True, False):
+        split = small_data / ("train" if train else "val")
+        loader = build_loader("torch", split, batch_size=8, train=train, image_size=48, device="cpu", seed=5)
+        loader.set_epoch(2)
+        images, labels = next(iter(loader))
+        keys = list(loader._index_sampler)[:8] if train else list(loader._index_sampler(2))[:8]
+        paths = [str(loader.index.paths[i]) for i in keys]
+        encoded, enc_labels, bad = collate_encoded(
+            [
+                encoded_sample(loader._transform, p, p, int(loader.index.labels[i]), 5, 2, int(i))
+                for p, i in zip(paths, keys)
+            ]
+        )
+        decoded, kept, more = decode_batch(encoded, loader._transform, loader.config)
+        assert not bad and not more and kept == list(range(8))
+        assert torch.equal(enc_labels, labels) and torch.equal(decoded, images)
+        loader.close()
+
+
+def test_gpu_decode_without_cuda_is_refused_naming_the_option(small_data):
+    from loaders import LoaderError
+
+    with pytest.raises(LoaderError, match="decode='gpu'.*CUDA.*cpu"):
+        build_loader("torch", small_data / "train", batch_size=8, device="cpu", decode="gpu")
+    with pytest.raises(LoaderError, match="decode must be one of cpu, pil, gpu"):
+        build_loader("torch", small_data / "train", batch_size=8, device="cpu", decode="nvjpeg")
