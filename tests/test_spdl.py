@@ -90,3 +90,23 @@ def test_close_joins_the_pipeline_threads(small_data):
 def test_impossible_options_are_refused(opts, says, small_data):
     with pytest.raises(LoaderError, match=says):
         build_loader("spdl", small_data / "train", batch_size=8, device="cpu", **opts)
+
+
+def test_ctrl_c_while_iterating_stops_the_pipeline(small_data):
+    """SIGINT lands in the main thread while SPDL's threads decode: the KeyboardInterrupt reaches the
+    caller, and closing the loader (bench's `finally`) ends every pipeline thread within seconds."""
+    import os
+    import signal
+
+    before = threading.active_count()
+    loader = build_loader("spdl", small_data / "train", batch_size=4, image_size=32, device="cpu", num_threads=2)
+    with pytest.raises(KeyboardInterrupt):
+        for k, _ in enumerate(loader):
+            if k == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            assert k < 1000, "the interrupt never arrived"
+    loader.close()
+    deadline = time.monotonic() + 10
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before, [t.name for t in threading.enumerate()]
