@@ -98,13 +98,19 @@ def test_ctrl_c_while_iterating_stops_the_pipeline(small_data):
     import os
     import signal
 
+    # A test run started in the background by a non-interactive shell ignores SIGINT (and so would
+    # this process): Python's own handler, as a terminal's foreground job has it.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     before = threading.active_count()
-    loader = build_loader("spdl", small_data / "train", batch_size=4, image_size=32, device="cpu", num_threads=2)
+    loader = build_loader(
+        "spdl", small_data / "train", batch_size=4, image_size=32, device="cpu", num_threads=2
+    )
     with pytest.raises(KeyboardInterrupt):
         for k, _ in enumerate(loader):
             if k == 2:
                 os.kill(os.getpid(), signal.SIGINT)
             assert k < 1000, "the interrupt never arrived"
+    signal.signal(signal.SIGINT, previous)
     loader.close()
     deadline = time.monotonic() + 10
     while threading.active_count() > before and time.monotonic() < deadline:

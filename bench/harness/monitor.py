@@ -84,11 +84,11 @@ class ResourceMonitor:
         return now, cpu
 
     def _loop(self) -> None:
-        last = (time.perf_counter(), self._tree_cpu_seconds(self.proc.children(recursive=True)))
+        self._last = (time.perf_counter(), self._tree_cpu_seconds(self.proc.children(recursive=True)))
         psutil.cpu_percent(interval=None)  # primes the system-wide counter
         while not self._stop.wait(self.interval):
             try:
-                last = self._sample(last)
+                self._last = self._sample(self._last)
             except psutil.Error:
                 continue
 
@@ -102,7 +102,13 @@ class ResourceMonitor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-            if not self.affinity:  # a run shorter than one interval
+            last, self._last = getattr(self, "_last", None), None  # once: stop() is called again in `finally`
+            if last is not None and not self._thread.is_alive() and time.perf_counter() - last[0] > 0.05:
+                try:  # the part interval since the last sample: a run shorter than one interval has one
+                    self._sample(last)
+                except psutil.Error:
+                    pass
+            if not self.affinity:  # not even that (stopped at once)
                 seen = affinity_of_tree(self.proc)
                 self.affinity.update(seen["cores"])
                 self.affinity_processes = seen["processes"]
