@@ -50,7 +50,11 @@ class Backend:
         return f"pip install 'loaderbench[{self.extra or self.name}]'"
 
     def options(self, **values):
-        """The backend's Options from keyword values, naming any it does not know."""
+        """The backend's Options from keyword values, naming any it does not know. ``num_workers``
+        is understood by every backend (DataLoader's name): the backend's own parallelism option
+        (``num_threads`` for dali and spdl), 0 meaning the least it can do (the calling process for
+        DataLoader-based backends, one thread for the others)."""
+        values = self._common_names(values)
         known = {f.name for f in dataclasses.fields(self.Options)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -59,6 +63,19 @@ class Backend:
                 f"{', '.join(sorted(known)) or 'none'}"
             )
         return self.Options(**values)
+
+    def _common_names(self, values: dict) -> dict:
+        if "num_workers" not in values:
+            return values
+        values, knob = dict(values), self.knobs.get("workers")
+        if knob is None:  # no parallelism to set (synthetic reads nothing)
+            values.pop("num_workers")
+            return values
+        n = values.pop("num_workers")
+        if knob != "num_workers" and knob in values:
+            raise LoaderError(f"loader {self.name!r}: pass num_workers or {knob}, not both")
+        values[knob] = n if n is None or n < 0 else max(self.min_workers, n)
+        return values
 
     def option_types(self) -> dict[str, str]:
         """Each option's declared type, as text ("int | None"), for parsing it from a command line."""

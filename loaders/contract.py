@@ -2,13 +2,16 @@
 
 A loader is an iterable of ``(images, labels)`` already on ``config.device``: images normalised
 with MEAN/STD, dtype ``config.dtype``, NCHW (channels_last memory format when asked), labels
-int64 ``[N]``. ``len()`` is batches per epoch for this rank; ``set_epoch()`` reshuffles;
-``close()`` releases workers. Sharding is by global rank (see ``shard_indices``).
+int64 ``[N]``. ``len()`` is batches per epoch for this rank; ``set_epoch()`` says which epoch the
+next iteration is (without it, each iteration after the first is the next epoch, as a DataLoader
+with ``shuffle=True`` reshuffles); ``close()`` releases workers. Sharding is by global rank (see
+``shard_indices``). Like a DataLoader it has ``batch_size``, ``drop_last``, ``sampler`` and ``dataset``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -215,20 +218,86 @@ class BaseLoader:
 
     name = "base"
     seeded_augmentation = True  # False where the library cannot seed its crops and flips (FFCV)
+    index_order = False  # True where each epoch reads the samples in ``epoch_indices()`` order
 
-    def __init__(self, cfg: LoaderConfig, num_samples: int, padding: int, classes: tuple[str, ...]):
+    def __init__(
+        self,
+        cfg: LoaderConfig,
+        num_samples: int,
+        padding: int,
+        classes: tuple[str, ...],
+        split_size: int | None = None,
+    ):
         self.config = cfg
+        self.split_size = split_size  # samples in the whole split (every rank's), padding excluded
         self.num_samples = num_samples  # samples this rank yields per epoch, padding included
         self.padding = padding  # samples repeated across all ranks per epoch to equalise them
         self.classes = classes
         self.epoch = 0
         self.skipped: list[str] = []  # files skipped under on_bad_sample='skip'
+        self._iterated = self._epoch_set = False
 
     def __len__(self) -> int:
         return num_batches(self.num_samples, self.config.batch_size, self.config.drop_last)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+        self._epoch_set = True
+
+    def __iter__(self):
+        # A DataLoader with shuffle=True reshuffles on every iteration: a script that never calls
+        # set_epoch must not see one epoch's order and augmentations over and over.
+        if self._iterated and not self._epoch_set:
+            self.epoch += 1
+        self._iterated, self._epoch_set = True, False
+        return self._epoch_batches()
+
+    def _epoch_batches(self):
+        """This epoch's batches (``self.epoch``): what each backend implements."""
+        raise NotImplementedError
+
+    # -- what training scripts read from a DataLoader -----------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self.config.batch_size
+
+    @property
+    def drop_last(self) -> bool:
+        return self.config.drop_last
+
+    @functools.cached_property
+    def sampler(self) -> RankSampler:
+        return RankSampler(self)
+
+    @property
+    def batch_sampler(self) -> torch.utils.data.BatchSampler:
+        # Lightning reads batch_sampler.sampler to decide shuffling and to call set_epoch.
+        return torch.utils.data.BatchSampler(self.sampler, self.batch_size, self.drop_last)
+
+    @functools.cached_property
+    def dataset(self):
+        """The split as a map-style Dataset (ImageFolder's ``classes``, ``samples``, ``targets``;
+        items decoded and transformed as this loader does, for scripts that index it directly)."""
+        from .images import SplitDataset
+
+        return SplitDataset(self)
+
+    def epoch_indices(self) -> np.ndarray:
+        """The split's indices this rank reads this epoch (``shard_indices``, DistributedSampler's scheme)."""
+        if not self.index_order or self.split_size is None:
+            raise TypeError(
+                f"the {self.name} loader streams its samples in its own order; it has no index order"
+            )
+        cfg = self.config
+        return shard_indices(
+            self.split_size,
+            cfg.rank,
+            cfg.world_size,
+            shuffle=cfg.train,
+            seed=cfg.seed,
+            epoch=self.epoch,
+            pad=cfg.train,
+        )
 
     def close(self) -> None:
         pass
@@ -265,3 +334,24 @@ class BaseLoader:
                 f"{' ...' if len(bad) > 3 else ''}); skipping it would leave the ranks a step apart. Remove the "
                 "bad files or use a larger batch size"
             )
+
+
+class RankSampler:
+    """``loader.sampler`` for scripts written for DistributedSampler: ``set_epoch`` (the loader's),
+    ``len()`` as DistributedSampler(drop_last=False) has it (ceil(split / world_size): training
+    pads to it; in evaluation a rank may yield one fewer, and every sample is read exactly once, so
+    a script's "evaluate the tail the sampler left out" finds none) and, where the backend reads by
+    index, the epoch's indices."""
+
+    def __init__(self, loader: BaseLoader):
+        self.loader = loader
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        n, world = self.loader.split_size, self.loader.config.world_size
+        return self.loader.num_samples if n is None else math.ceil(n / world)
+
+    def __iter__(self):
+        return iter(int(i) for i in self.loader.epoch_indices())

@@ -39,7 +39,6 @@ from .contract import (
     available_cores,
     rank_share,
     scan_imagefolder,
-    shard_indices,
     shard_sizes,
 )
 from .images import decode_problem
@@ -183,9 +182,10 @@ def _pipeline(cfg: LoaderConfig, opts: Options, reader: dict, seed: int, gpu_dec
 
 class DaliLoader(BaseLoader):
     name = "dali"
+    index_order = True  # reads epoch_indices(): loader.sampler iterates them
 
     def __init__(self, cfg: LoaderConfig, opts: Options, index: FolderIndex):
-        super().__init__(cfg, *rank_share(len(index), cfg, cfg.data), index.classes)
+        super().__init__(cfg, *rank_share(len(index), cfg, cfg.data), index.classes, split_size=len(index))
         self.options = opts
         self.index = index
         self.gpu_decode = cfg.device.type == "cuda" and opts.decode in ("auto", "gpu")
@@ -200,18 +200,6 @@ class DaliLoader(BaseLoader):
             num_threads=self.options.num_threads or available_cores(),
         )
         return d
-
-    def _order(self) -> np.ndarray:
-        cfg = self.config
-        return shard_indices(
-            len(self.index),
-            cfg.rank,
-            cfg.world_size,
-            shuffle=cfg.train,
-            seed=cfg.seed,
-            epoch=self.epoch,
-            pad=cfg.train,
-        )
 
     def _start(self, order: np.ndarray, restart: int):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -233,9 +221,9 @@ class DaliLoader(BaseLoader):
             prepare_first_batch=False,
         )
 
-    def __iter__(self):
+    def _epoch_batches(self):
         self._bad: set[str] = set()
-        self._epoch_order = self._left = self._order()
+        self._epoch_order = self._left = self.epoch_indices()
         self._restarts = 0
         return self._run(self._start(self._left, 0), self._recover)
 
@@ -352,6 +340,7 @@ class DaliShardLoader(DaliLoader):
     """
 
     name = "dali"
+    index_order = False  # DALI's webdataset reader splits shards itself
 
     def __init__(self, cfg: LoaderConfig, opts: Options, folder: Path, manifest: dict):
         n = manifest["samples"]
@@ -359,7 +348,7 @@ class DaliShardLoader(DaliLoader):
             per_rank, padding = shard_sizes(n, cfg.world_size, pad=True)
         else:  # DALI's own split: [floor(r n / W), floor((r + 1) n / W))
             per_rank, padding = n * (cfg.rank + 1) // cfg.world_size - n * cfg.rank // cfg.world_size, 0
-        BaseLoader.__init__(self, cfg, per_rank, padding, tuple(manifest["classes"]))
+        BaseLoader.__init__(self, cfg, per_rank, padding, tuple(manifest["classes"]), split_size=n)
         self.options, self.folder, self.manifest = opts, folder, manifest
         self.gpu_decode = cfg.device.type == "cuda" and opts.decode in ("auto", "gpu")
         self._pipe = None
@@ -380,7 +369,7 @@ class DaliShardLoader(DaliLoader):
         g = torch.Generator().manual_seed(self.config.seed + self.epoch)
         return [files[i] for i in torch.randperm(len(files), generator=g).tolist()]
 
-    def __iter__(self):
+    def _epoch_batches(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         cfg = self.config

@@ -432,7 +432,12 @@ class FfcvLoader(BaseLoader):
     seeded_augmentation = False
 
     def __init__(self, cfg: LoaderConfig, opts: Options, beton: Path, manifest: dict, distributed: bool):
-        super().__init__(cfg, *rank_share(manifest["samples"], cfg, beton), tuple(manifest["classes"]))
+        super().__init__(
+            cfg,
+            *rank_share(manifest["samples"], cfg, beton),
+            tuple(manifest["classes"]),
+            split_size=manifest["samples"],
+        )
         self.options, self.beton, self.manifest = opts, beton, manifest
         self.staged = None  # an objstore.Staged copy of a bucket's .beton, removed at close()
         cores = available_cores()
@@ -508,7 +513,7 @@ class FfcvLoader(BaseLoader):
             d["staged"] = self.staged.describe()
         return d
 
-    def __iter__(self):
+    def _epoch_batches(self):
         cfg = self.config
         self._loader.next_epoch = self.epoch  # FFCV counts epochs itself; set_epoch decides
         threads = torch.get_num_threads()

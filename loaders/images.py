@@ -220,3 +220,43 @@ def describe_pipeline(opts, cfg: LoaderConfig) -> dict:
         "normalize": "device" if opts.device_normalize or decode == "gpu" else "workers",
         "pin_memory_effective": opts.pin_memory and cfg.device.type == "cuda",
     }
+
+
+class SplitDataset(torch.utils.data.Dataset):
+    """``loader.dataset``: the loader's split as a map-style Dataset, as training scripts read it
+    from a DataLoader: ``len()`` is the whole split, ImageFolder's ``classes``, ``class_to_idx``,
+    ``samples`` and ``targets``, and items decoded and transformed (this epoch's seeded crop in
+    training), normalised, on the CPU, as a DataLoader's dataset hands them to its collate. Backends
+    that read a converted format (ffcv, wds, dali over shards) have no per-file access: their
+    ``samples`` and items are a TypeError naming the backend."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.classes = list(loader.classes)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self._index = getattr(loader, "index", None)
+
+    def __len__(self) -> int:
+        return self.loader.split_size
+
+    def _files(self):
+        if self._index is None:
+            raise TypeError(
+                f"the {self.loader.name} loader reads a converted format; its dataset has no per-file access"
+            )
+        return self._index
+
+    @property
+    def samples(self) -> list[tuple[str, int]]:
+        index = self._files()
+        return [(str(p), int(y)) for p, y in zip(index.paths, index.labels)]
+
+    @property
+    def targets(self) -> list[int]:
+        return [int(y) for y in self._files().labels]
+
+    def __getitem__(self, i: int):
+        index, cfg = self._files(), self.loader.config
+        transform = transform_for(cfg, float_in_workers=True)
+        image = augment(transform, decode_tensor(str(index.paths[i])), cfg.seed, self.loader.epoch, int(i))
+        return normalize_batch(image[None])[0].to(cfg.dtype), int(index.labels[i])

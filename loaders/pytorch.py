@@ -14,11 +14,11 @@ import functools
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import Dataset, DistributedSampler, Sampler
+from torch.utils.data import Dataset, Sampler
 
 from . import objstore
 from .backend import Backend
-from .contract import BaseLoader, LoaderConfig, LoaderError, rank_share, scan_imagefolder, shard_indices
+from .contract import BaseLoader, LoaderConfig, LoaderError, rank_share, scan_imagefolder
 from .feed import DeviceFeed
 from .gpudecode import collate_encoded, decode_batch, encoded_sample
 from .images import (
@@ -137,19 +137,16 @@ class _EpochKeys(Sampler):
 
     def __iter__(self):
         epoch = self.loader.epoch
-        inner = self.loader._index_sampler
-        if isinstance(inner, DistributedSampler):
-            inner.set_epoch(epoch)
-            return ((epoch, i) for i in inner)
-        return ((epoch, int(i)) for i in inner(epoch))
+        return ((epoch, int(i)) for i in self.loader.epoch_indices())
 
 
 class TorchLoader(BaseLoader):
     name = "torch"
+    index_order = True  # reads epoch_indices(): loader.sampler iterates them
 
     def __init__(self, cfg: LoaderConfig, opts: Options, index):
         n = len(index)
-        super().__init__(cfg, *rank_share(n, cfg, cfg.data), index.classes)
+        super().__init__(cfg, *rank_share(n, cfg, cfg.data), index.classes, split_size=n)
         self.options = opts
         self.index = index
         gpu = opts.decode == "gpu"
@@ -158,20 +155,6 @@ class TorchLoader(BaseLoader):
         self._transform = transform_for(
             cfg, float_in_workers=not (opts.device_normalize or gpu), decoder="cpu" if gpu else opts.decode
         )
-        if cfg.train:
-            # DistributedSampler pads to equal shards (<= world_size - 1 repeats): DDP never hangs.
-            self._index_sampler = DistributedSampler(
-                range(n),
-                num_replicas=cfg.world_size,
-                rank=cfg.rank,
-                shuffle=True,
-                seed=cfg.seed,
-                drop_last=False,
-            )
-        else:
-            self._index_sampler = lambda epoch: shard_indices(
-                n, cfg.rank, cfg.world_size, shuffle=False, seed=cfg.seed, epoch=epoch, pad=False
-            )
         self._loader = worker_loader(
             _Samples(index, self._transform, cfg.seed, opts.s3_requests, encoded=gpu),
             opts,
@@ -199,7 +182,7 @@ class TorchLoader(BaseLoader):
             if images is not None:
                 yield images, labels
 
-    def __iter__(self):
+    def _epoch_batches(self):
         return self._feed(self._batches())
 
     def close(self) -> None:

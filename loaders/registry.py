@@ -64,6 +64,17 @@ def get_backend(name: str, installed: bool = True) -> Backend:
     return backend
 
 
+def _device(device: str | torch.device | None) -> torch.device:
+    """A CUDA device without an index is the current one (``torch.cuda.set_device``), for every
+    backend: DALI would otherwise take GPU 0 on every rank."""
+    if device is None:
+        return default_device()
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def options_for(name: str, **options):
     """Parse a backend's own options, naming any that it does not know."""
     return get_backend(name).options(**options)
@@ -104,7 +115,7 @@ def build_loader(
         batch_size=int(batch_size),
         train=bool(train),
         image_size=int(image_size),
-        device=torch.device(device) if device is not None else default_device(),
+        device=_device(device),
         dtype=resolve_dtype(dtype),
         channels_last=bool(channels_last),
         seed=int(seed),

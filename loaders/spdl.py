@@ -25,7 +25,6 @@ from .contract import (
     available_cores,
     rank_share,
     scan_imagefolder,
-    shard_indices,
 )
 from .feed import DeviceFeed
 from .images import BadSample, collate_checked, draw_box, read_bytes, transform_for
@@ -109,9 +108,10 @@ def eval_filter(height: int, width: int, size: int) -> str:
 
 class SpdlLoader(BaseLoader):
     name = "spdl"
+    index_order = True  # reads epoch_indices(): loader.sampler iterates them
 
     def __init__(self, cfg: LoaderConfig, opts: Options, index):
-        super().__init__(cfg, *rank_share(len(index), cfg, cfg.data), index.classes)
+        super().__init__(cfg, *rank_share(len(index), cfg, cfg.data), index.classes, split_size=len(index))
         self.options, self.index = opts, index
         self.threads = opts.num_threads or available_cores()
         self._transform = transform_for(cfg, float_in_workers=not opts.device_normalize)
@@ -157,16 +157,7 @@ class SpdlLoader(BaseLoader):
         return images, labels, bad
 
     def _order(self):
-        cfg = self.config
-        order = shard_indices(
-            len(self.index),
-            cfg.rank,
-            cfg.world_size,
-            shuffle=cfg.train,
-            seed=cfg.seed,
-            epoch=self.epoch,
-            pad=cfg.train,
-        )
+        cfg, order = self.config, self.epoch_indices()
         return order[: len(order) - len(order) % cfg.batch_size] if cfg.drop_last else order
 
     def _batches(self):
@@ -192,7 +183,7 @@ class SpdlLoader(BaseLoader):
                     f"spdl pipeline stopped: {exc}; its log above has the stage's traceback"
                 ) from exc
 
-    def __iter__(self):
+    def _epoch_batches(self):
         self.close()
         self._running = self._batches()
         return self._feed(self._running)

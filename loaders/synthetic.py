@@ -45,7 +45,10 @@ class SyntheticLoader(BaseLoader):
 
     def __init__(self, cfg: LoaderConfig, num_samples: int, num_classes: int):
         super().__init__(
-            cfg, *rank_share(num_samples, cfg, "the synthetic set"), tuple(map(str, range(num_classes)))
+            cfg,
+            *rank_share(num_samples, cfg, "the synthetic set"),
+            tuple(map(str, range(num_classes))),
+            split_size=num_samples,
         )
         # Train and eval batches differ, so evaluation cannot score a memorised training batch:
         # the labels are random, and accuracy on them is (correctly) chance.
@@ -60,7 +63,7 @@ class SyntheticLoader(BaseLoader):
     def describe(self) -> dict:
         return {**super().describe(), "decode": "none (resident batch)", "normalize": "none"}
 
-    def __iter__(self):
+    def _epoch_batches(self):
         b = self.config.batch_size
         for k in range(len(self)):
             n = min(b, self.num_samples - k * b)

@@ -270,7 +270,7 @@ class WdsLoader(BaseLoader):
         n = manifest["samples"]
         start, stop = rank_range(n, cfg.rank, cfg.world_size, cfg.train)
         padding = shard_sizes(n, cfg.world_size, pad=True)[1] if cfg.train else 0
-        super().__init__(cfg, stop - start, padding, tuple(manifest["classes"]))
+        super().__init__(cfg, stop - start, padding, tuple(manifest["classes"]), split_size=n)
         self.options, self.folder, self.manifest = opts, folder, manifest
         self._feed = DeviceFeed.for_options(cfg, opts)
         self._stream = _ShardStream(self)
@@ -302,7 +302,7 @@ class WdsLoader(BaseLoader):
         if got != expected:  # cannot happen unless the plan is wrong: never let ranks disagree silently
             raise LoaderError(f"wds rank {self.config.rank} produced {got} batches, expected {expected}")
 
-    def __iter__(self):
+    def _epoch_batches(self):
         return self._feed(self._batches())
 
     def close(self) -> None:

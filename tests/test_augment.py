@@ -69,7 +69,7 @@ def test_the_torch_backend_applies_exactly_draw_box(small_data):
     loader = build_loader("torch", small_data / "train", batch_size=8, image_size=48, device="cpu", seed=5)
     loader.set_epoch(3)
     images, labels = next(iter(loader))
-    order = list(loader._index_sampler)[:8]
+    order = list(loader.sampler)[:8]
     for k, i in enumerate(order):
         image = decode_tensor(str(loader.index.paths[i]))
         expected = crop_flip(image, draw_box(*image.shape[-2:], 5, 3, int(i)), 48)
@@ -88,7 +88,7 @@ def test_the_gpu_decode_path_equals_the_cpu_path_when_decoded_on_the_cpu(small_d
         loader = build_loader("torch", split, batch_size=8, train=train, image_size=48, device="cpu", seed=5)
         loader.set_epoch(2)
         images, labels = next(iter(loader))
-        keys = list(loader._index_sampler)[:8] if train else list(loader._index_sampler(2))[:8]
+        keys = list(loader.sampler)[:8]
         paths = [str(loader.index.paths[i]) for i in keys]
         encoded, enc_labels, bad = collate_encoded(
             [

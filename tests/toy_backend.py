@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from loaders.backend import Backend
-from loaders.contract import BaseLoader, LoaderError, rank_share, scan_imagefolder, shard_indices
+from loaders.contract import BaseLoader, LoaderError, rank_share, scan_imagefolder
 from loaders.feed import DeviceFeed
 from loaders.images import collate_checked, sample, transform_for
 
@@ -38,9 +38,10 @@ class ToyBackend(Backend):
 
 class ToyLoader(BaseLoader):
     name = "toy"
+    index_order = True  # reads epoch_indices(): loader.sampler iterates them
 
     def __init__(self, cfg, opts, index):
-        super().__init__(cfg, *rank_share(len(index), cfg, cfg.data), index.classes)
+        super().__init__(cfg, *rank_share(len(index), cfg, cfg.data), index.classes, split_size=len(index))
         self.options, self.index = opts, index
         self._transform = transform_for(cfg, float_in_workers=False)
         self._feed = DeviceFeed(cfg, device_normalize=True, non_blocking=False)
@@ -51,15 +52,7 @@ class ToyLoader(BaseLoader):
 
     def _batches(self):
         cfg = self.config
-        order = shard_indices(
-            len(self.index),
-            cfg.rank,
-            cfg.world_size,
-            shuffle=cfg.train,
-            seed=cfg.seed,
-            epoch=self.epoch,
-            pad=cfg.train,
-        )
+        order = self.epoch_indices()
         stop = len(order) - len(order) % cfg.batch_size if cfg.drop_last else len(order)
         with ThreadPoolExecutor(self.options.threads) as pool:
             pending = []
@@ -76,5 +69,5 @@ class ToyLoader(BaseLoader):
         if images is not None:
             yield images, labels
 
-    def __iter__(self):
+    def _epoch_batches(self):
         return self._feed(self._batches())
