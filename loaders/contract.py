@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import launch
+
 # One normalisation for every backend (ImageNet statistics, on the 0..1 scale).
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -77,14 +79,15 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """Global rank and world size: explicit arguments, else the process group, else the
-    RANK/WORLD_SIZE environment torchrun and SLURM launchers set, else a single process."""
+    RANK/WORLD_SIZE torchrun sets (or srun's SLURM_PROCID/SLURM_NTASKS), else a single process."""
     if rank is not None or world_size is not None:
         if rank is None or world_size is None:
             raise LoaderError("pass both rank and world_size, or neither")
         return int(rank), int(world_size)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    env = launch.torch_env()  # torchrun's variables, or srun's as torchrun would name them
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
 
 
 def available_cores() -> int:
@@ -95,7 +98,7 @@ def available_cores() -> int:
 
 def default_device() -> torch.device:
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", int(launch.torch_env().get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 
 
@@ -246,11 +249,13 @@ class BaseLoader:
 
     def __iter__(self):
         # A DataLoader with shuffle=True reshuffles on every iteration: a script that never calls
-        # set_epoch must not see one epoch's order and augmentations over and over.
+        # set_epoch must not see one epoch's order and augmentations over and over. The epoch is
+        # settled at the first batch, not at iter(): Lightning calls iter() once only to check that
+        # the loader is iterable, and calls set_epoch(0) after creating the first epoch's iterator.
         if self._iterated and not self._epoch_set:
             self.epoch += 1
         self._iterated, self._epoch_set = True, False
-        return self._epoch_batches()
+        yield from self._epoch_batches()
 
     def _epoch_batches(self):
         """This epoch's batches (``self.epoch``): what each backend implements."""
