@@ -43,11 +43,17 @@ def _run_parser(sub) -> None:
 
 
 def cmd_run(args, argv: list[str]) -> int:
+    from loaders import launch
+
     from .harness import runner
 
+    try:  # under srun: torchrun's variables from SLURM's, before anything reads them
+        launch.adopt()
+    except launch.LaunchError as exc:
+        raise UsageError(str(exc)) from None
     spec = RunSpec.from_args(args)
     runner.check(spec)
-    launched = "WORLD_SIZE" in os.environ  # under torchrun / SLURM already: we are one rank
+    launched = "WORLD_SIZE" in os.environ  # under torchrun / srun already: we are one rank
     if spec.nprocs > 1 and not launched:
         train_dir, val_dir = runner.resolve_data(spec)
         runner.prepare(spec, train_dir, val_dir if spec.eval and not spec.loader_only else None)
