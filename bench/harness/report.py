@@ -240,6 +240,34 @@ def ladder_table(rungs: list[Rung], sweep: dict) -> list[str]:
     return lines
 
 
+def memory_table(rungs: list[Rung]) -> list[str]:
+    """Per rank, what the multi-rank steps held of the training state and their peak memory: the
+    figure ZeRO and FSDP are for (medians over trials; ``a / b``: rank 0 / rank 1 ...)."""
+    rows = []
+    for r in rungs:
+        mems = [t.metrics.memory_per_rank for t in r.trials if t.metrics.memory_per_rank]
+        if r.status != "ok" or not mems or len(mems[0]["params_mib"]) < 2:
+            continue
+
+        def per_rank(key, mems=mems):
+            ranks = zip(*(m[key] for m in mems))
+            return " / ".join(f"{statistics.median(v):,.1f}" for v in ranks)
+
+        state = [sum(m[k][0] for k in ("params_mib", "grads_mib", "optimizer_mib")) for m in mems]
+        rows.append(
+            f"| {r.key} | {per_rank('params_mib')} | {per_rank('grads_mib')} | {per_rank('optimizer_mib')} | "
+            f"{statistics.median(state):,.1f} | {per_rank('peak_mib')} ({mems[0]['peak_is']}) | {r.ips:,.1f} |"
+        )
+    if not rows:
+        return []
+    return [
+        "| step | parameters MiB per rank | gradients | optimizer state | training state, rank 0 | peak MiB per rank "
+        "| images/s |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
 # -- plots -----------------------------------------------------------------------------------------
 
 
@@ -504,6 +532,15 @@ def render(folder: Path | str, title: str | None = None, command: str | None = N
                     f"{_x(r.gpu_util, '.0f', '')} |"
                 )
         lines += ["Resources sampled during each step (medians of trials):", "", *res_lines, ""]
+        memory = memory_table(rungs)
+        if memory:
+            lines += [
+                "Memory per rank of the multi-rank steps (each rank's shard of the training state, "
+                "measured after training, and its peak; medians of trials, ranks separated by /):",
+                "",
+                *memory,
+                "",
+            ]
         plots += plot_ladder(rungs, folder)
     if "tune.json" in docs:
         t = docs["tune.json"]

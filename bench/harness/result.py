@@ -47,6 +47,8 @@ class Metrics:
     stopped_early: bool = False
     skipped_samples: int = 0
     resources: dict = field(default_factory=dict)
+    # per rank: its shard of parameters, gradients, optimizer state and its peak memory (MiB)
+    memory_per_rank: dict | None = None
     storage: dict = field(
         default_factory=dict
     )  # regime, bytes read, requests, staging (bench.storage.regime)
@@ -179,6 +181,7 @@ def metrics_from(train, skipped: int, resources: dict | None = None) -> Metrics:
         stopped_early=train.stopped_early,
         skipped_samples=skipped,
         resources=resources or {},
+        memory_per_rank=getattr(train, "memory", None),
     )
 
 

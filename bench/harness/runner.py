@@ -63,6 +63,18 @@ def check(cfg: RunSpec) -> None:
         raise UsageError(f"--amp must be off, bf16 or fp16, got {cfg.amp!r}")
     if cfg.amp == "fp16" and device_for(cfg).type == "cpu":
         raise UsageError("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
+    if cfg.shard_optimizer and cfg.fsdp:
+        raise UsageError("--fsdp shards the optimizer state already; drop --shard-optimizer")
+    world = int(os.environ.get("WORLD_SIZE", 1)) if launched else cfg.nprocs
+    if (cfg.shard_optimizer or cfg.fsdp) and world < 2:
+        flag = "--fsdp" if cfg.fsdp else "--shard-optimizer"
+        raise UsageError(f"{flag} shards over ranks: add --gpus N or --cpu-ranks N (N >= 2)")
+    if cfg.fsdp and cfg.amp == "fp16":
+        raise UsageError(
+            "--fsdp with --amp fp16 is not supported here (no sharded loss scaler); use --amp bf16"
+        )
+    if (cfg.shard_optimizer or cfg.fsdp) and cfg.loader_only:
+        raise UsageError("--loader-only trains no model: drop --shard-optimizer / --fsdp")
     get_backend(cfg.loader)  # not installed: a clear line
     out = Path(cfg.out)
     try:  # found out now, not after an hour of training
@@ -256,6 +268,8 @@ def _run(cfg, argv, device, rank, world_size, log, cores) -> Path | None:
             warmup_steps=cfg.warmup_steps,
             patience=cfg.patience,
             eval_inference_mode=cfg.eval_inference_mode,
+            num_classes=len(train_loader.classes),
+            shard="fsdp" if cfg.fsdp else "optimizer" if cfg.shard_optimizer else "off",
         )
         if epochs * len(train_loader) <= cfg.warmup_steps:
             raise UsageError(

@@ -31,6 +31,8 @@ class RunSpec:
     amp: str = "off"
     channels_last: bool = False
     compile: bool = False
+    shard_optimizer: bool = False  # ZeRO-1 (ZeroRedundancyOptimizer) over the ranks
+    fsdp: bool = False  # FSDP2 (fully_shard): parameters, gradients and optimizer state sharded
     lr: float = 0.05
     seed: int = 0
     warmup_steps: int = 5
@@ -184,6 +186,16 @@ FLAGS: dict[str, tuple[str, dict]] = {
     "amp": ("--amp", dict(choices=("off", "bf16", "fp16"))),
     "channels_last": ("--channels-last", dict(action="store_true")),
     "compile": ("--compile", dict(action="store_true", help="torch.compile the model")),
+    "shard_optimizer": (
+        "--shard-optimizer",
+        dict(
+            action="store_true", help="shard optimizer state over the ranks (ZeRO-1, ZeroRedundancyOptimizer)"
+        ),
+    ),
+    "fsdp": (
+        "--fsdp",
+        dict(action="store_true", help="shard weights, gradients and optimizer state (FSDP2 fully_shard)"),
+    ),
     "lr": ("--lr", dict(type=float)),
     "seed": ("--seed", dict(type=int)),
     "warmup_steps": ("--warmup-steps", dict(type=int, help="steps excluded from throughput (default 5)")),

@@ -44,7 +44,7 @@ BEFORE_SWAPS = (
     "compile",
     "inference_eval",
 )
-AFTER_SWAPS = ("ddp", "early_stop")
+AFTER_SWAPS = ("ddp", "shard_optimizer", "fsdp", "early_stop")
 
 
 def swaps(base: str = RunSpec.loader) -> tuple[str, ...]:
@@ -323,11 +323,19 @@ class Sweep:
             raise SweepError(f"the baseline failed: {self.steps[-1].reason}")
         ref_key, ref_ips = "baseline", best
 
-        def technique(key: str, title: str, change: dict, needs: str | None = None, carry: bool = True):
+        def technique(
+            key: str,
+            title: str,
+            change: dict,
+            needs: str | None = None,
+            carry: bool = True,
+            apart: str = "measured apart, not carried into later steps (each process compiles again)",
+            reference: str | None = None,
+        ):
             nonlocal stack, ref_key, ref_ips
             if key not in s.techniques:
                 return
-            step = Step(key, title, "technique", reference=ref_key)
+            step = Step(key, title, "technique", reference=reference or ref_key)
             if needs:
                 self.steps.append(step)
                 self._skip(step, needs)
@@ -343,7 +351,7 @@ class Sweep:
                     stack, ref_key, ref_ips = trial_stack, key, ips
                 elif not carry:
                     step.kind = "apart"
-                    step.reason = "measured apart, not carried into later steps (each process compiles again)"
+                    step.reason = apart
             self._record()
 
         technique("workers", f"DataLoader workers ({s.workers})", {"workers": s.workers})
@@ -388,6 +396,26 @@ class Sweep:
             {"ranks": s.ranks},
             needs=ddp_needs,
         )
+        # Memory techniques: each rank holds a share of the training state (memory_per_rank in the
+        # results); measured on the DDP stack and compared with it, not carried on.
+        sharded = "a memory technique: measured against ddp (memory per rank beside images/s), not carried on"
+        for key, title, flag in (
+            (
+                "shard_optimizer",
+                "ZeRO-1: optimizer state sharded (ZeroRedundancyOptimizer)",
+                "shard_optimizer",
+            ),
+            ("fsdp", "FSDP2: weights, gradients and optimizer state sharded (fully_shard)", "fsdp"),
+        ):
+            technique(
+                key,
+                f"{title} over {s.ranks} {'GPUs' if s.cuda else 'CPU ranks'}",
+                {"ranks": s.ranks, flag: True},
+                needs=ddp_needs,
+                carry=False,
+                apart=sharded,
+                reference="ddp" if "ddp" in s.techniques else None,
+            )
         if "early_stop" in s.techniques:
             self._early_stop(stack, ref_key)
         self._record()

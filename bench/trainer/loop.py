@@ -9,6 +9,7 @@ and the compute time (CUDA events on GPU, the host clock on CPU).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ class TrainConfig:
     patience: int = 0  # early stopping on validation loss; 0 = off
     min_delta: float = 0.0
     eval_inference_mode: bool = True  # False: evaluate with autograd on (the naive baseline)
+    num_classes: int = 0  # > 0: count each epoch's labels over all ranks (EpochRecord's coverage)
+    shard: str = "off"  # off (DDP) | optimizer (ZeRO-1: optimizer state sharded) | fsdp (FSDP2 fully_shard)
 
 
 @dataclass
@@ -48,6 +51,22 @@ class EpochRecord:
     eval_seconds: float | None = None
     val_loss: float | None = None
     val_accuracy: float | None = None
+    train_coverage: dict | None = None  # labels read this epoch, all ranks (``coverage``)
+    val_coverage: dict | None = None
+
+
+def coverage(counts: torch.Tensor, device: torch.device) -> dict:
+    """Summary of one epoch's label counts summed over ranks: the images read, the classes seen and
+    the fewest and most images of one class. With one image per class this proves exactly-once
+    reading across ranks and nodes (min 1, images = samples + padding)."""
+    (total,) = all_reduce_values([counts.double()], device)
+    total = total.round().long()
+    return {
+        "images": int(total.sum()),
+        "classes_seen": int((total > 0).sum()),
+        "per_class_min": int(total.min()),
+        "per_class_max": int(total.max()),
+    }
 
 
 @dataclass
@@ -61,6 +80,7 @@ class TrainResult:
     step_time: list[float] = field(default_factory=list)
     epochs: list[EpochRecord] = field(default_factory=list)
     stopped_early: bool = False
+    memory: dict | None = None  # per-rank lists of what ``memory_per_rank`` measures
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -76,11 +96,14 @@ def all_reduce_values(values: list[float], device: torch.device, op=None) -> lis
     """Sum (or ``op``) a few numbers over all ranks; one rank returns them as they are."""
     if _world()[1] == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if len(values) == 1 and isinstance(values[0], torch.Tensor):  # one tensor, reduced as it is
+        t = values[0].to(device, torch.float64).clone()
+    else:
+        t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     if dist.get_backend() == "gloo":
         _until_released(t)
-    return t.tolist()
+    return [t] if isinstance(values[0], torch.Tensor) else t.tolist()
 
 
 def _until_released(t: torch.Tensor, limit_s: float = 5.0) -> None:
@@ -129,8 +152,10 @@ class _StepClock:
         return [b.elapsed_time(e) / 1e3 for b, e in self.spans] if self.cuda else list(self.spans)
 
 
-def evaluate(model: nn.Module, loader, cfg: TrainConfig, device: torch.device) -> tuple[float, float]:
-    """(mean loss, accuracy) over every rank's shard."""
+def evaluate(
+    model: nn.Module, loader, cfg: TrainConfig, device: torch.device, counts: torch.Tensor | None = None
+) -> tuple[float, float]:
+    """(mean loss, accuracy) over every rank's shard; ``counts`` (per class) adds the labels read."""
     model.eval()
     grad_ctx = torch.inference_mode() if cfg.eval_inference_mode else contextlib.nullcontext()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -143,6 +168,8 @@ def evaluate(model: nn.Module, loader, cfg: TrainConfig, device: torch.device) -
             loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").detach().double()
             correct += (logits.argmax(1) == labels).sum()
             seen += labels.numel()
+            if counts is not None:
+                counts += torch.bincount(labels, minlength=len(counts))[: len(counts)]
     total_loss, total_correct, total_seen = all_reduce_values([loss_sum.item(), correct.item(), seen], device)
     if total_seen == 0:
         return math.nan, math.nan
@@ -181,14 +208,17 @@ def measure(
             loader.set_epoch(epoch)
         loss_sum = torch.zeros((), device=device)
         epoch_steps = 0
+        counts = torch.zeros(cfg.num_classes, dtype=torch.int64, device=device) if cfg.num_classes else None
         epoch_start = time.perf_counter()
         segment_start = epoch_start if steps >= cfg.warmup_steps else None
         it = iter(loader)
+        complete = False  # the loader ran out: a whole epoch (not cut by max_steps)
         while True:
             t0 = time.perf_counter()
             try:
                 images, labels = next(it)
             except StopIteration:
+                complete = True
                 break
             t1 = time.perf_counter()
             if has_batchnorm and labels.shape[0] < 2:
@@ -197,6 +227,8 @@ def measure(
                     "BatchNorm; use a larger batch size (or fewer skipped samples)"
                 )
             begin = clock.start()
+            if counts is not None:
+                counts += torch.bincount(labels, minlength=len(counts))[: len(counts)]
             if step is not None:
                 loss_sum += step(images, labels)
             steps += 1
@@ -221,6 +253,8 @@ def measure(
             measured_seconds += now - segment_start
         del it  # end this epoch's iterator (and its workers, unless persistent) before evaluating
         record = EpochRecord(epoch, None, now - epoch_start)
+        if counts is not None and complete:  # an epoch cut short by max_steps covers part of the data
+            record.train_coverage = coverage(counts, device)
         if step is not None:
             (train_loss,) = all_reduce_values([loss_sum.item() / max(epoch_steps, 1)], device)
             record.train_loss = train_loss / world_size
@@ -253,6 +287,55 @@ def measure(
     return result
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # FSDP2's parameters are DTensors
+
+
+def _mib(tensors) -> float:
+    return sum(_local(t).numel() * _local(t).element_size() for t in tensors) / 2**20
+
+
+def memory_per_rank(net: nn.Module, optimizer, device: torch.device) -> dict:
+    """What each rank holds of the model's training state (its shard of parameters, gradients and
+    optimizer state: what ZeRO and FSDP divide), and its peak memory (CUDA: the allocator's peak;
+    CPU: the process's peak resident set, which includes the interpreter, torch and the loader's
+    main-process buffers). Lists indexed by rank, MiB."""
+    import resource
+
+    inner = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer holds this rank's optimizer
+    state = [v for st in inner.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0]
+    params = list(net.parameters())
+    mine = [
+        _mib(params),
+        _mib(p.grad for p in params if p.grad is not None),
+        _mib(state),
+        torch.cuda.max_memory_allocated(device) / 2**20
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,  # KiB on Linux
+    ]
+    rank, world = _world()
+    table = torch.zeros(world, len(mine), dtype=torch.float64)
+    table[rank] = torch.tensor(mine, dtype=torch.float64)
+    (table,) = all_reduce_values([table], device)  # each rank fills its own row
+    keys = ("params_mib", "grads_mib", "optimizer_mib", "peak_mib")
+    out = {k: [round(float(v), 2) for v in table[:, i].tolist()] for i, k in enumerate(keys)}
+    out["peak_is"] = "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS"
+    return out
+
+
+def _fully_shard(net: nn.Module, device: torch.device) -> None:
+    """FSDP2: each top-level child that holds parameters is one unit (ResNet's stem, layer1-4 and
+    fc; the small CNN's conv blocks), then the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (_world()[1],))
+    for child in net.children():
+        if any(True for _ in child.parameters()):
+            fully_shard(child, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+
+
 def train(
     model: nn.Module, train_loader, val_loader, cfg: TrainConfig, device: torch.device, log=print
 ) -> TrainResult:
@@ -261,16 +344,27 @@ def train(
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     net = model.to(device, memory_format=memory_format)
     train_model: nn.Module = net
-    if world_size > 1:
+    eval_model: nn.Module = net  # unwrapped: uneven eval shards must not meet a DDP collective
+    if cfg.shard != "off" and world_size < 2:
+        raise TrainError(f"sharding ({cfg.shard}) needs 2 ranks or more (--gpus N / --cpu-ranks N)")
+    if cfg.shard == "fsdp":
+        # Sharded weights mean a collective in every forward: evaluation, whose shards may differ
+        # by a batch between ranks, runs on a full copy gathered once per evaluation instead.
+        eval_model = copy.deepcopy(net)
+        _fully_shard(net, device)
+    elif world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None
         )
-    eval_model: nn.Module = net  # unwrapped: uneven eval shards must not meet a DDP collective
     if cfg.compile:
-        train_model, eval_model = torch.compile(train_model), torch.compile(net)
-    optimizer = torch.optim.SGD(
-        net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
+        train_model, eval_model = torch.compile(train_model), torch.compile(eval_model)
+    sgd = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.shard == "optimizer":
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        optimizer = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=torch.optim.SGD, **sgd)
+    else:
+        optimizer = torch.optim.SGD(net.parameters(), **sgd)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")  # bf16 needs no loss scaling
 
     def step(images, labels):
@@ -288,7 +382,19 @@ def train(
     def end_epoch(record: EpochRecord) -> bool:
         if val_loader is not None:
             eval_start = time.perf_counter()
-            record.val_loss, record.val_accuracy = evaluate(eval_model, val_loader, cfg, device)
+            if cfg.shard == "fsdp":  # a collective on every rank: the full weights into the copy
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+                full = get_model_state_dict(
+                    net, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+                )
+                getattr(eval_model, "_orig_mod", eval_model).load_state_dict(full)
+            counts = (
+                torch.zeros(cfg.num_classes, dtype=torch.int64, device=device) if cfg.num_classes else None
+            )
+            record.val_loss, record.val_accuracy = evaluate(eval_model, val_loader, cfg, device, counts)
+            if counts is not None:
+                record.val_coverage = coverage(counts, device)
             record.eval_seconds = time.perf_counter() - eval_start
         train_model.train()
         if not cfg.patience or record.val_loss is None:
@@ -300,4 +406,6 @@ def train(
         return best["bad_epochs"] >= cfg.patience  # val loss is all-reduced: every rank stops together
 
     train_model.train()
-    return measure(train_loader, cfg, device, step=step, end_epoch=end_epoch, log=log)
+    result = measure(train_loader, cfg, device, step=step, end_epoch=end_epoch, log=log)
+    result.memory = memory_per_rank(net, optimizer, device)
+    return result
