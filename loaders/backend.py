@@ -72,6 +72,13 @@ class Backend:
             values.pop("num_workers")
             return values
         n = values.pop("num_workers")
+        if isinstance(n, str):  # from a command line: -o num_workers=2
+            try:
+                n = None if n.lower() == "none" else int(n)
+            except ValueError:
+                raise LoaderError(
+                    f"loader {self.name!r}: num_workers must be an integer, got {n!r}"
+                ) from None
         if knob != "num_workers" and knob in values:
             raise LoaderError(f"loader {self.name!r}: pass num_workers or {knob}, not both")
         values[knob] = n if n is None or n < 0 else max(self.min_workers, n)
