@@ -14,4 +14,4 @@ TITLE="Sharded training: $MODEL on 2 ranks, $(nproc) cores, $DEV"
 # 112 px, batch 16, 12 steps: resnet50 on 2 CPU cores takes seconds per step at 224 px.
 "$B" sweep --out "$OUT" --title "$TITLE" --model "$MODEL" --image-size 112 --batch-size 16 --steps 12 \
     --ranks 2 --trials "$TRIALS" --ceiling-trials 0 --techniques workers,ddp,shard_optimizer,fsdp
-"$B" report "$OUT" --title "$TITLE" --command "bash scripts/measure-sharding.sh $*"
+"$B" report "$OUT" --title "$TITLE" --command "bash scripts/measure-sharding.sh${*:+ $*}"
