@@ -250,24 +250,30 @@ def test_all_reduce_returns_after_gloo_lets_go_of_its_tensor(tmp_path):
         )
 
 
-def _sharded_worker(rank, world, port, out, shard):
+def _sharded_worker(rank, world, port, out, shard, channels_last=False):
     import json
 
     import torch.distributed as dist
+
+    def fmt(batches):  # a loader's channels_last batches
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        return [(x.contiguous(memory_format=memory_format), y) for x, y in batches]
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)  # the same initial weights on every rank (FSDP does not broadcast them)
         res = train(
             build_model("small", 3),
-            Batches(separable(6, seed=10 + rank)),
-            Batches(separable(2 if rank == 0 else 1, seed=20 + rank)),  # uneven evaluation shards
-            TrainConfig(epochs=2, warmup_steps=1, shard=shard, num_classes=3),
+            Batches(fmt(separable(6, seed=10 + rank))),
+            Batches(fmt(separable(2 if rank == 0 else 1, seed=20 + rank))),  # uneven evaluation shards
+            TrainConfig(epochs=2, warmup_steps=1, shard=shard, num_classes=3, channels_last=channels_last),
             CPU,
             log=lambda *a: None,
         )
         epochs = [(e.train_loss, e.val_loss, e.val_coverage["images"]) for e in res.epochs]
-        (out / f"{shard}-{rank}.json").write_text(json.dumps({"epochs": epochs, "memory": res.memory}))
+        (out / f"{shard}-{channels_last}-{rank}.json").write_text(
+            json.dumps({"epochs": epochs, "memory": res.memory})
+        )
     finally:
         dist.destroy_process_group()
 
@@ -281,10 +287,17 @@ def test_zero_and_fsdp_train_as_ddp_does_and_hold_a_share_each(tmp_path):
     from .conftest import run_ranks
 
     got = {}
-    for shard in ("off", "optimizer", "fsdp"):
-        run_ranks(_sharded_worker, 2, tmp_path, shard)
-        got[shard] = [json.loads((tmp_path / f"{shard}-{r}.json").read_text()) for r in range(2)]
+    for shard, channels_last in (("off", False), ("optimizer", False), ("fsdp", False), ("fsdp", True)):
+        run_ranks(_sharded_worker, 2, tmp_path, shard, channels_last)
+        key = shard + "-channels_last" * channels_last
+        got[key] = [
+            json.loads((tmp_path / f"{shard}-{channels_last}-{r}.json").read_text()) for r in range(2)
+        ]
     ddp = got["off"][0]
+    # FSDP2 refuses channels_last (non-contiguous) parameters: the trainer keeps them NCHW and
+    # trains on channels_last batches to the same losses.
+    for (loss, _, _), (ref_loss, _, _) in zip(got["fsdp-channels_last"][0]["epochs"], ddp["epochs"]):
+        assert loss == pytest.approx(ref_loss, rel=1e-3)
     # ZeRO: DDP's numbers exactly. FSDP: the same training losses; its evaluation differs a little
     # because FSDP does not broadcast BatchNorm's running statistics from rank 0 as DDP does.
     for shard, val_rel in (("optimizer", 1e-9), ("fsdp", 0.05)):

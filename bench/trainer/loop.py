@@ -341,8 +341,10 @@ def train(
 ) -> TrainResult:
     """``measure`` with a training step, evaluation after each epoch and early stopping."""
     rank, world_size = _world()
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    net = model.to(device, memory_format=memory_format)
+    # FSDP2 shards contiguous parameters only: its weights stay NCHW, and the loader's channels_last
+    # batches still make the convolutions run channels_last.
+    channels_last = cfg.channels_last and cfg.shard != "fsdp"
+    net = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     train_model: nn.Module = net
     eval_model: nn.Module = net  # unwrapped: uneven eval shards must not meet a DDP collective
     if cfg.shard != "off" and world_size < 2:
