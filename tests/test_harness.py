@@ -378,3 +378,20 @@ def test_a_sweep_killed_midway_resumes_to_the_same_plan(small_data, tmp_path, mo
     assert extra.returncode == 2 and "drop --trials 3" in extra.stderr
     missing = bench("sweep", "--resume", str(tmp_path / "nowhere"), cwd=tmp_path)
     assert missing.returncode == 2 and "no readable sweep.json" in missing.stderr
+
+
+def test_a_failed_trial_keeps_its_output_and_no_result(tmp_path):
+    """A trial whose `bench run` fails: one error line, and the ranks' whole output kept in a log
+    beside the results (a sweep's report has nothing else to say why)."""
+    from bench.harness.launch import run_trial
+    from bench.harness.spec import RunSpec
+
+    runs = tmp_path / "runs"
+    spec = RunSpec(data=str(tmp_path / "no-such-data"), steps=8, label="bad label/1")
+    t = run_trial(spec, runs, timeout=120)
+    assert t.path is None and t.error.startswith("bench: error") and "output: " in t.error
+    (log,) = (tmp_path / "failed").glob("failed-bad_label_1-*.log")
+    assert str(log) in t.error
+    text = log.read_text()
+    assert "exit status 2" in text and text.count("no-such-data") >= 2  # the command and the error
+    assert not list(runs.glob("*.json"))

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -47,6 +49,16 @@ def run_trial(spec: RunSpec, out: Path, timeout: float = 900, env: dict | None =
         lines = [ln for ln in (p.stderr or p.stdout).strip().splitlines() if ln.strip()]
         errors = [ln for ln in lines if ln.startswith("bench: error")]
         trial.error = (errors or lines or [f"exit status {p.returncode}"])[-1].strip()[:500]
+        # The ranks' output is the only account of why; a result it wrote before failing is not
+        # the trial's (the run did not end cleanly), so it goes beside the log, out of the results.
+        name = re.sub(r"[^\w.-]+", "_", spec.label or spec.loader)
+        stem = f"failed-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        log = out.parent / "failed" / f"{stem}.log"
+        log.parent.mkdir(exist_ok=True)
+        log.write_text(f"$ {shlex.join(cmd)}\nexit status {p.returncode}\n\n{p.stdout}\n{p.stderr}")
+        for path in new:
+            path.rename(log.parent / f"{stem}-{path.name}")
+        trial.error += f" (output: {log})"
         return trial
     trial.path = new[0]
     trial.result = results.load(new[0])
