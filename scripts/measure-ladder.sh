@@ -12,5 +12,5 @@ TITLE="Techniques ladder: small CNN, $(nproc) cores, $(.venv/bin/python -c 'impo
 "$B" sweep --out "$OUT" --title "$TITLE"
 "$B" tune --loader torch --out "$OUT"
 "$B" doctor --out "$DOCTOR"
-"$B" report "$OUT" --title "$TITLE"
-"$B" report "$DOCTOR" --title "bench doctor on the default set-up"
+"$B" report "$OUT" --title "$TITLE" --command "bash scripts/measure-ladder.sh${*:+ $*}"
+"$B" report "$DOCTOR" --title "bench doctor on the default set-up" --command "bash scripts/measure-ladder.sh${*:+ $*}"
