@@ -84,6 +84,27 @@ def _import_ffcv():
     _patch_epoch_iterator()
 
 
+class _Closed(Exception):
+    """Raised in FFCV's pipeline thread when its iterator was closed: the thread ends."""
+
+
+def _stop(it) -> None:
+    """Close an epoch iterator and wait for its pipeline thread to end. The thread is a daemon: a
+    process that exits while it is inside a numba kernel (an epoch cut short by --steps, a rank with
+    nothing left to do) aborts with SIGABRT after its work is done."""
+    import queue
+
+    it.terminate_event.set()
+    deadline = time.monotonic() + 30
+    while it.is_alive() and time.monotonic() < deadline:
+        try:  # frees a put() that blocks without a timeout (FFCV's end-of-epoch marker)
+            it.output_queue.get_nowait()
+        except queue.Empty:
+            pass
+        it.join(timeout=0.05)
+    it.close()
+
+
 class _PipelineFailed:
     """Put in FFCV's output queue by a pipeline thread that raised, so the consumer raises too."""
 
@@ -98,11 +119,18 @@ def _patch_epoch_iterator() -> None:
 
     if getattr(ei.EpochIterator, "_loaderbench_patched", False):
         return
-    run = ei.EpochIterator.run
+    run, run_pipeline = ei.EpochIterator.run, ei.EpochIterator.run_pipeline
+
+    def checked_pipeline(self, *args):  # FFCV checks for close() only while its queue is full
+        if self.terminate_event.is_set():
+            raise _Closed
+        return run_pipeline(self, *args)
 
     def guarded_run(self):
         try:
             run(self)
+        except _Closed:
+            return
         except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
             while not self.terminate_event.is_set():
                 try:
@@ -125,6 +153,7 @@ def _patch_epoch_iterator() -> None:
         return result
 
     ei.EpochIterator.run = guarded_run
+    ei.EpochIterator.run_pipeline = checked_pipeline
     ei.EpochIterator.__next__ = next_batch
     ei.EpochIterator._loaderbench_patched = True
 
@@ -541,9 +570,7 @@ class FfcvLoader(BaseLoader):
                 labels = labels.to(torch.int64, copy=True)
                 yield normalize_uint8(images, cfg), labels
         finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
+            _stop(it)
 
     def close(self) -> None:
         if self.staged is not None:

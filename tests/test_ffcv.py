@@ -230,3 +230,22 @@ def test_evaluation_under_inference_mode(small_data, tmp_cache):
         n = sum(y.numel() for _, y in loader)
     assert n == loader.num_samples
     loader.close()
+
+
+def test_an_epoch_cut_short_stops_its_pipeline_thread(converted):
+    """Leaving an epoch early (--steps, early stopping) ends FFCV's pipeline thread before the
+    caller goes on: it would otherwise keep decoding batches no one reads, beside the caller's
+    work, and a daemon thread still inside numba when the process exits can abort it."""
+    import threading
+
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    loader = build_loader(
+        "ffcv", converted / "train.beton", batch_size=4, device="cpu", num_workers=1, batches_ahead=3
+    )
+    it = iter(loader)
+    next(it)
+    (thread,) = [t for t in threading.enumerate() if isinstance(t, EpochIterator)]
+    it.close()  # what dropping the iterator does
+    assert not thread.is_alive()
+    assert len(list(loader)) == len(loader)  # the next epoch is whole
