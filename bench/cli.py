@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+from loaders import launch
 from loaders.contract import LoaderError
 
 from .errors import BenchError, UsageError
@@ -43,8 +44,6 @@ def _run_parser(sub) -> None:
 
 
 def cmd_run(args, argv: list[str]) -> int:
-    from loaders import launch
-
     from .harness import runner
 
     try:  # under srun: torchrun's variables from SLURM's, before anything reads them
@@ -511,9 +510,12 @@ def main(argv: list[str] | None = None) -> int:
     except (io.UnsupportedOperation, ValueError):  # called in-process with a captured stderr (tests)
         pass
     try:
-        return _main(list(sys.argv[1:] if argv is None else argv))
+        code = _main(list(sys.argv[1:] if argv is None else argv))
     finally:
         sys.unraisablehook = previous
+    if argv is None and launch.is_rank():  # a rank of a multi-process job, as a program
+        launch.exit_now(code)
+    return code
 
 
 def _keep_interrupts(default):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -77,3 +78,25 @@ def adopt(environ=os.environ) -> dict[str, str]:
     for key, value in env.items():
         environ.setdefault(key, value)
     return env
+
+
+def is_rank(environ=os.environ) -> bool:
+    """One process of a multi-process job (torchrun's or srun's)."""
+    return int(torch_env(environ).get("WORLD_SIZE", 1)) > 1
+
+
+def exit_now(code: int = 0):
+    """End a rank without the interpreter's teardown: exit handlers run and output is flushed, then
+    the process ends at once. Teardown ends any thread that takes the GIL after it has begun by
+    unwinding it through C++ frames that forbid it (gloo's workers releasing a collective's tensors,
+    FFCV's pipeline thread leaving numba code), and the rank aborts after its work is done (SIGABRT,
+    "terminate called without an active exception"; ffcv on 2 gloo ranks, now and then)."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
