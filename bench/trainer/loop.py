@@ -55,6 +55,12 @@ class EpochRecord:
     val_coverage: dict | None = None
 
 
+def _count(counts: torch.Tensor, labels: torch.Tensor) -> None:
+    # scatter_add, not bincount: CUDA's bincount reads the largest label back to the host, a sync
+    # in every measured step.
+    counts.scatter_add_(0, labels, torch.ones_like(labels, dtype=counts.dtype))
+
+
 def coverage(counts: torch.Tensor, device: torch.device) -> dict:
     """Summary of one epoch's label counts summed over ranks: the images read, the classes seen and
     the fewest and most images of one class. With one image per class this proves exactly-once
@@ -169,7 +175,7 @@ def evaluate(
             correct += (logits.argmax(1) == labels).sum()
             seen += labels.numel()
             if counts is not None:
-                counts += torch.bincount(labels, minlength=len(counts))[: len(counts)]
+                _count(counts, labels)
     total_loss, total_correct, total_seen = all_reduce_values([loss_sum.item(), correct.item(), seen], device)
     if total_seen == 0:
         return math.nan, math.nan
@@ -228,7 +234,7 @@ def measure(
                 )
             begin = clock.start()
             if counts is not None:
-                counts += torch.bincount(labels, minlength=len(counts))[: len(counts)]
+                _count(counts, labels)
             if step is not None:
                 loss_sum += step(images, labels)
             steps += 1
