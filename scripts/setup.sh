@@ -8,6 +8,19 @@ PYTHON=${PYTHON:-python3}
 quiet_pip() {  # pip's local-index warnings are noise; keep its errors
   .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither" >&2)
 }
+# A fresh install needs about 7 GiB (torch's CUDA build is 5.5 GiB of it): say so before pip half-fills
+# the disk and stops with "No space left on device" inside a torch half installed.
+if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
+  NEED_GIB=7
+  for dir in . "${TMPDIR:-/tmp}"; do
+    free_kib=$(df -Pk "$dir" | awk 'NR == 2 {print $4}')
+    if [ -n "$free_kib" ] && [ "$free_kib" -lt $((NEED_GIB * 1024 * 1024)) ]; then
+      echo "setup: $((free_kib / 1024)) MiB free on $(cd "$dir" && pwd)'s filesystem; installing torch," \
+           "torchvision and the backends into .venv needs about $NEED_GIB GiB: free some space and run again" >&2
+      exit 1
+    fi
+  done
+fi
 if [ ! -x .venv/bin/python ]; then
   # System site-packages stay visible so that a machine with its own CUDA torch keeps it.
   "$PYTHON" -m venv --system-site-packages .venv

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -78,6 +79,22 @@ def small_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("gen") / "small"
     generate(out, SynthSpec(**SMALL_SPEC), progress=False)
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _suite_cache(tmp_path_factory):
+    """Every test and every process it starts converts and stages into a cache of this run, never the
+    user's ~/.cache/loaderbench: one suite run left hundreds of .beton and shard sets there (6 GB
+    after a few runs, which filled a disk). Removed at the end; a test may still take its own."""
+    path = tmp_path_factory.mktemp("lbcache")
+    saved = os.environ.get("LOADERBENCH_CACHE")
+    os.environ["LOADERBENCH_CACHE"] = str(path)
+    yield path
+    if saved is None:
+        os.environ.pop("LOADERBENCH_CACHE", None)
+    else:
+        os.environ["LOADERBENCH_CACHE"] = saved
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
