@@ -87,13 +87,9 @@ def _suite_cache(tmp_path_factory):
     user's ~/.cache/loaderbench: one suite run left hundreds of .beton and shard sets there (6 GB
     after a few runs, which filled a disk). Removed at the end; a test may still take its own."""
     path = tmp_path_factory.mktemp("lbcache")
-    saved = os.environ.get("LOADERBENCH_CACHE")
-    os.environ["LOADERBENCH_CACHE"] = str(path)
-    yield path
-    if saved is None:
-        os.environ.pop("LOADERBENCH_CACHE", None)
-    else:
-        os.environ["LOADERBENCH_CACHE"] = saved
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOADERBENCH_CACHE", str(path))
+        yield path
     shutil.rmtree(path, ignore_errors=True)
 
 
