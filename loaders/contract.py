@@ -6,12 +6,15 @@ int64 ``[N]``. ``len()`` is batches per epoch for this rank; ``set_epoch()`` say
 next iteration is (without it, each iteration after the first is the next epoch, as a DataLoader
 with ``shuffle=True`` reshuffles); ``close()`` releases workers. Sharding is by global rank (see
 ``shard_indices``). Like a DataLoader it has ``batch_size``, ``drop_last``, ``sampler`` and ``dataset``.
+Like torchdata's StatefulDataLoader it has ``state_dict()`` / ``load_state_dict()``: where it is in
+an epoch, as a small dict that any number of ranks can continue from (docs/resume.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -32,6 +35,29 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class LoaderError(Exception):
     """A user error (bad option, missing data, unavailable backend): one clear line, no traceback."""
+
+
+class StateError(LoaderError):
+    """A loader state that cannot be applied to this loader (other data, seed, split, a damaged or
+    newer state): raised by ``load_state_dict`` before any batch."""
+
+
+STATE_VERSION = 1  # what ``state_dict`` writes; a newer state is refused
+
+
+def require_same(state: dict, mine: dict, why: str) -> None:
+    """StateError naming every setting in ``mine`` that ``state`` has otherwise, prefixed by ``why``."""
+    differs = [f"{k} {state.get(k)!r} (this loader: {v!r})" for k, v in mine.items() if state.get(k) != v]
+    if differs:
+        raise StateError(f"{why}: {'; '.join(differs)}")
+
+
+def require_batches_read(state: dict, most: int) -> int:
+    """A shard reader's state: the batches of the epoch each rank had read (within 0..most)."""
+    read = state.get("batches_read")
+    if not isinstance(read, int) or not 0 <= read <= most:
+        raise StateError(f"loader state: batches_read {read!r} is not within 0..{most}")
+    return read
 
 
 class BadSampleError(LoaderError):
@@ -201,6 +227,18 @@ def shard_indices(
     return order[rank::world_size]
 
 
+def rest_indices(order: np.ndarray, start: int, rank: int, world_size: int, pad: bool) -> np.ndarray:
+    """This rank's indices of an epoch whose first ``start`` positions of ``order`` (the epoch's
+    permutation) were read already, on ``world_size`` ranks: the rest, padded (training) with the
+    epoch's first samples to a multiple of ``world_size``, strided by rank. ``start=0`` is
+    ``shard_indices``; with the strided split, what k steps of W ranks read is the prefix k*B*W,
+    so the rest splits over any number of ranks and every sample is still read once."""
+    rest = order[start:]
+    if pad and len(rest) % world_size:
+        rest = np.concatenate([rest, np.resize(order, world_size - len(rest) % world_size)])
+    return rest[rank::world_size]
+
+
 def num_batches(num_samples: int, batch_size: int, drop_last: bool) -> int:
     return num_samples // batch_size if drop_last else math.ceil(num_samples / batch_size)
 
@@ -239,6 +277,12 @@ class BaseLoader:
         self.epoch = 0
         self.skipped: list[str] = []  # files skipped under on_bad_sample='skip'
         self._iterated = self._epoch_set = False
+        # Where this rank is in the epoch being read (``state_dict``): the position in the epoch's
+        # order this iteration started from, the batches it has taken since, and whether it ended.
+        self._resume: dict | None = None  # a loaded state, applied when its epoch is iterated
+        self._resume_at, self._taken, self._complete = 0, 0, False
+        self._fingerprint: str | None = None
+        self._resumed_from: dict | None = None  # the state the current iteration continues
 
     def __len__(self) -> int:
         return num_batches(self.num_samples, self.config.batch_size, self.config.drop_last)
@@ -255,7 +299,120 @@ class BaseLoader:
         if self._iterated and not self._epoch_set:
             self.epoch += 1
         self._iterated, self._epoch_set = True, False
-        yield from self._epoch_batches()
+        resume, self._resume = self._resume, None
+        if resume is not None and resume["epoch"] != self.epoch:  # set_epoch chose another epoch
+            resume = None
+        self._resumed_from = resume
+        self._resume_at = resume["samples_seen"] if resume else 0
+        self._taken, self._complete, self._empty_batches = 0, False, 0
+        for batch in self._epoch_batches():
+            self._taken += 1
+            yield batch
+        self._complete = True
+
+    # -- where it is in an epoch (torchdata's StatefulDataLoader names) -------------------------------
+    def state_dict(self) -> dict:
+        """Where this loader is: the epoch, the samples of it read so far over all ranks (ranks
+        advance in step, so rank 0's state stands for all of them), the seed and a fingerprint of
+        the split. A few numbers, whatever the data's size; JSON-serialisable."""
+        cfg = self.config
+        if self._resume is not None:  # loaded and not iterated yet: that state still holds
+            return dict(self._resume)
+        started = self._iterated and not self._epoch_set
+        return {
+            "version": STATE_VERSION,
+            "backend": self.name,
+            "epoch": self.epoch,
+            "samples_seen": self._samples_seen() if started else 0,
+            "complete": started and self._complete,
+            "split": self.split_fingerprint(),
+            "split_size": self.split_size,
+            "seed": cfg.seed,
+            "train": cfg.train,
+            "drop_last": cfg.drop_last,
+            "world_size": cfg.world_size,
+            "batch_size": cfg.batch_size,
+            **self._own_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state`` (of this loader, or of one like it on another number of ranks,
+        workers or threads): the next iteration reads exactly the samples of that epoch not read
+        yet, split over this loader's ranks. What cannot hold raises StateError, naming it."""
+        self._check_state(state)
+        if state["complete"]:  # that epoch was read to its end: the next iteration is the next one
+            self.epoch, self._iterated, self._epoch_set, self._resume = state["epoch"], True, False, None
+            return
+        self.epoch, self._epoch_set, self._resume = int(state["epoch"]), True, dict(state)
+
+    def _samples_seen(self) -> int:
+        """Positions of the epoch's order read over all ranks: this iteration's start, plus what its
+        batches took on each of the world_size ranks (the strided split's prefix)."""
+        cfg = self.config
+        rest = (self.split_size or self.num_samples * cfg.world_size) - self._resume_at
+        taken = (self._taken + self._empty_batches) * cfg.batch_size * cfg.world_size
+        return self._resume_at + max(0, min(taken, rest))
+
+    _empty_batches = 0  # batches whose every sample was skipped (not yielded, but read)
+
+    def _own_state(self) -> dict:
+        """What a backend adds to the state (shard readers: their own bookkeeping)."""
+        return {}
+
+    def split_fingerprint(self) -> str:
+        """Identifies the split whatever its path: sample count, classes and every label in order
+        (or the stored format's manifest), so that a state is never applied to other data."""
+        if self._fingerprint is None:
+            h = hashlib.blake2b(digest_size=8)
+            h.update(repr((self.split_size, self.classes)).encode())
+            index, manifest = getattr(self, "index", None), getattr(self, "manifest", None)
+            if index is not None:
+                h.update(np.ascontiguousarray(index.labels, dtype=np.int64).tobytes())
+            elif manifest is not None:
+                h.update(
+                    repr([(s.get("file"), s.get("samples")) for s in manifest.get("shards", [])]).encode()
+                )
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def _check_state(self, state) -> None:
+        """Refuse, before any batch, a state this loader cannot continue (naming what differs)."""
+        need = ("version", "backend", "epoch", "samples_seen", "complete", "split", "seed", "train")
+        if not isinstance(state, dict) or any(k not in state for k in need):
+            missing = [k for k in need if k not in state] if isinstance(state, dict) else need
+            raise StateError(
+                f"not a loader state (missing {', '.join(missing)}): damaged, or not from loaderbench"
+            )
+        if not isinstance(state["version"], int) or state["version"] > STATE_VERSION:
+            raise StateError(
+                f"loader state version {state['version']!r} is newer than this loaderbench's "
+                f"({STATE_VERSION}): resume with the version that wrote it"
+            )
+        cfg = self.config
+        differs = [
+            f"{what} {state[key]!r} (this loader: {mine!r})"
+            for what, key, mine in (
+                ("backend", "backend", self.name),
+                ("split", "split", self.split_fingerprint()),
+                ("seed", "seed", cfg.seed),
+                ("train", "train", cfg.train),
+            )
+            if state[key] != mine
+        ]
+        if differs:
+            raise StateError(f"loader state is of another run: {'; '.join(differs)}")
+        if not isinstance(state["epoch"], int) or state["epoch"] < 0:
+            raise StateError(f"loader state: epoch {state['epoch']!r} is not an epoch number")
+        seen, n = state["samples_seen"], self.split_size
+        if not isinstance(seen, int) or seen < 0 or (n is not None and seen > n):
+            raise StateError(f"loader state: samples_seen {seen!r} is not within the split's {n} samples")
+        self._check_geometry(state)
+
+    def _check_geometry(self, state: dict) -> None:
+        """Index-order loaders continue on any ranks, workers, threads or batch size; a backend
+        whose position depends on them refuses other values here."""
+        if not self.index_order:
+            raise StateError(f"the {self.name} loader cannot continue an epoch from a state")
 
     def _epoch_batches(self):
         """This epoch's batches (``self.epoch``): what each backend implements."""
@@ -294,15 +451,15 @@ class BaseLoader:
                 f"the {self.name} loader streams its samples in its own order; it has no index order"
             )
         cfg = self.config
-        return shard_indices(
-            self.split_size,
-            cfg.rank,
-            cfg.world_size,
-            shuffle=cfg.train,
-            seed=cfg.seed,
-            epoch=self.epoch,
-            pad=cfg.train,
-        )
+        return rest_indices(self.epoch_order(), self._resume_at, cfg.rank, cfg.world_size, pad=cfg.train)
+
+    def epoch_order(self) -> np.ndarray:
+        """The whole split's order this epoch, before it is split over ranks: the permutation of
+        seed + epoch every rank draws alike (training), or the split's own order."""
+        if not self.config.train:
+            return np.arange(self.split_size)
+        g = torch.Generator().manual_seed(self.config.seed + self.epoch)
+        return torch.randperm(self.split_size, generator=g).numpy()
 
     def close(self) -> None:
         pass
@@ -332,6 +489,8 @@ class BaseLoader:
             if self.config.on_bad_sample == "stop":
                 raise BadSampleError(path, reason)
             self.skipped.append(path)
+        if batch_empty:
+            self._empty_batches += 1
         if batch_empty and self.config.train and self.config.world_size > 1:
             # Dropping the batch would give this rank one step fewer than the others: DDP would hang.
             raise LoaderError(

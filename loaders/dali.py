@@ -38,6 +38,8 @@ from .contract import (
     LoaderError,
     available_cores,
     rank_share,
+    require_batches_read,
+    require_same,
     scan_imagefolder,
     shard_sizes,
 )
@@ -225,6 +227,8 @@ class DaliLoader(BaseLoader):
         self._bad: set[str] = set()
         self._epoch_order = self._left = self.epoch_indices()
         self._restarts = 0
+        if not len(self._left):  # a resumed epoch that had been read to its end
+            return iter(())
         return self._run(self._start(self._left, 0), self._recover)
 
     def _run(self, it, recover):
@@ -402,7 +406,25 @@ class DaliShardLoader(DaliLoader):
                 auto_reset=False,
                 prepare_first_batch=False,
             )
+        resumed = self._resumed_from
+        self._skipped = resumed["batches_read"] if resumed else 0
+        for _ in range(self._skipped):  # DALI's readers cannot seek: a resumed epoch decodes up to its place
+            next(it)
         return self._run(it, self._failed)
+
+    _skipped = 0  # batches of the epoch a resumed state had read already
+
+    def _own_state(self) -> dict:
+        return {"batches_read": self._skipped + self._taken}
+
+    def _check_geometry(self, state: dict) -> None:
+        # DALI's webdataset reader splits the shard sequence into contiguous per-rank ranges and
+        # shuffles behind a buffer: a place in it holds only for the same ranks and batch size.
+        cfg = self.config
+        mine = dict(world_size=cfg.world_size, batch_size=cfg.batch_size, drop_last=cfg.drop_last)
+        why = "dali reader='wds' continues an epoch only with the same ranks and batch size (DALI splits the shards into per-rank ranges)"
+        require_same(state, mine, why)
+        require_batches_read(state, len(self))
 
     def _failed(self, exc: RuntimeError, pos: int):
         raise LoaderError(

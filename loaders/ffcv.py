@@ -5,10 +5,11 @@ as uint8 and are normalised by torch on the device (FFCV's NormalizeImage hangs 
 ToTorchImage and needs cupy on the GPU). Normalising into a new tensor also means the batches a
 caller keeps are not overwritten when FFCV reuses its output buffers.
 
-Sharding: training with world_size > 1 uses FFCV's ``distributed=True`` (DistributedSampler by
-the process group's rank: padding of at most world_size - 1 repeats, as the other backends);
-evaluation reads an exact ``rank::world_size`` split. ``data`` is a ``.beton`` or an ImageFolder
-split, converted on first use into the cache (``convert_beton``).
+Sharding: each epoch FFCV traverses ``epoch_indices()``, the permutation and strided split every
+backend shares (DistributedSampler's scheme: padding of at most world_size - 1 repeats in
+training, an exact split in evaluation), so it needs no process group and its place in an epoch
+is a state any number of ranks continues. ``data`` is a ``.beton`` or an ImageFolder split,
+converted on first use into the cache (``convert_beton``).
 
 Known limits: FFCV does not seed its augmentations (crops and flips differ between runs with
 the same seed; the order does not); its first epoch in a process spends seconds compiling,
@@ -411,24 +412,11 @@ def _build(cfg: LoaderConfig, opts: Options) -> FfcvLoader:
         raise LoaderError(f"ffcv batches_ahead must be >= 1, got {opts.batches_ahead}")
     storage = storage_of(opts)
     check_storage(storage)
-    distributed = cfg.train and cfg.world_size > 1
-    if distributed:
-        if opts.order == "quasi_random":
-            raise LoaderError(
-                "ffcv order 'quasi_random' cannot be used with several ranks (FFCV forbids it "
-                "with distributed=True); use order='random'"
-            )
-        dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized()):
-            raise LoaderError(
-                "ffcv training on several ranks needs an initialised torch.distributed process "
-                "group (FFCV takes the rank from it)"
-            )
-        if dist.get_rank() != cfg.rank or dist.get_world_size() != cfg.world_size:
-            raise LoaderError(
-                f"ffcv: rank {cfg.rank}/{cfg.world_size} differs from the process group's "
-                f"{dist.get_rank()}/{dist.get_world_size()}"
-            )
+    if cfg.train and cfg.world_size > 1 and opts.order == "quasi_random":
+        raise LoaderError(
+            "ffcv order 'quasi_random' cannot be used with several ranks (FFCV forbids it "
+            "with distributed=True); use order='random'"
+        )
     if cfg.data is None:
         raise LoaderError("the ffcv backend needs data= (a .beton, or an ImageFolder split to convert)")
     staged = None
@@ -447,7 +435,7 @@ def _build(cfg: LoaderConfig, opts: Options) -> FfcvLoader:
         data = cached_beton(data, storage, progress=cfg.rank == 0)  # verified there
     try:
         manifest = read_manifest(data, verify=not converted)
-        loader = FfcvLoader(cfg, opts, data, manifest, distributed)
+        loader = FfcvLoader(cfg, opts, data, manifest)
     except BaseException:
         if staged is not None:
             staged.remove()
@@ -457,10 +445,15 @@ def _build(cfg: LoaderConfig, opts: Options) -> FfcvLoader:
 
 
 class FfcvLoader(BaseLoader):
+    """FFCV's Loader reading the contract's order: each epoch's traversal is ``epoch_indices()``
+    (the permutation and strided split every backend shares, or FFCV's own quasi-random order on
+    one rank), so FFCV needs no process group and a state continues on any ranks and workers."""
+
     name = "ffcv"
     seeded_augmentation = False
+    index_order = True
 
-    def __init__(self, cfg: LoaderConfig, opts: Options, beton: Path, manifest: dict, distributed: bool):
+    def __init__(self, cfg: LoaderConfig, opts: Options, beton: Path, manifest: dict):
         super().__init__(
             cfg,
             *rank_share(manifest["samples"], cfg, beton),
@@ -477,9 +470,10 @@ class FfcvLoader(BaseLoader):
             else None
         )
         self.first_batch_seconds: float | None = None  # includes numba's compilation (first epoch)
-        self._loader = self._make(distributed)
+        self._loader = self._make()
+        self._loader.next_traversal_order = self._traversal  # FFCV asks for it once per epoch
 
-    def _make(self, distributed: bool):
+    def _make(self):
         _import_ffcv()
         from ffcv.fields.decoders import (
             CenterCropRGBImageDecoder,
@@ -513,11 +507,8 @@ class FfcvLoader(BaseLoader):
             seed=cfg.seed,
             pipelines={"image": image, "label": label},
         )
-        if cfg.train:
-            kwargs.update(order=order, distributed=distributed)
-        else:  # exact split, no padding
-            n = self.manifest["samples"]
-            kwargs.update(order=OrderOption.SEQUENTIAL, indices=np.arange(cfg.rank, n, cfg.world_size))
+        # The order is ours (``_traversal``); FFCV's own serves only quasi_random's page-aware order.
+        kwargs.update(order=order if cfg.train else OrderOption.SEQUENTIAL)
         threads = torch.get_num_threads()
         try:
             return Loader(str(self.beton), **kwargs)
@@ -525,6 +516,17 @@ class FfcvLoader(BaseLoader):
             raise LoaderError(f"ffcv cannot read {self.beton}: {type(exc).__name__}: {exc}") from None
         finally:
             torch.set_num_threads(threads)
+
+    def epoch_order(self) -> np.ndarray:
+        if self.config.train and self.options.order == "quasi_random":  # one rank only (see _build)
+            return np.asarray(self._loader.traversal_order.sample_order(self.epoch))
+        return super().epoch_order()
+
+    def _traversal(self) -> np.ndarray:
+        order = self.epoch_indices()
+        if self.config.drop_last:
+            order = order[: len(order) - len(order) % self.config.batch_size]
+        return order.astype(self._loader.indices.dtype)
 
     def describe(self) -> dict:
         d = super().describe()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .backend import Backend
-from .contract import BaseLoader, LoaderConfig, LoaderError, rank_share, scan_imagefolder
+from .contract import BaseLoader, LoaderConfig, LoaderError, num_batches, rank_share, scan_imagefolder
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class SyntheticBackend(Backend):
 
 class SyntheticLoader(BaseLoader):
     name = "synthetic"
+    index_order = True  # its epochs have the shared order's sizes (what a resumed epoch has left)
 
     def __init__(self, cfg: LoaderConfig, num_samples: int, num_classes: int):
         super().__init__(
@@ -64,9 +65,10 @@ class SyntheticLoader(BaseLoader):
         return {**super().describe(), "decode": "none (resident batch)", "normalize": "none"}
 
     def _epoch_batches(self):
-        b = self.config.batch_size
-        for k in range(len(self)):
-            n = min(b, self.num_samples - k * b)
+        b, cfg = self.config.batch_size, self.config
+        left = self.num_samples if not self._resume_at else len(self.epoch_indices())
+        for k in range(num_batches(left, b, cfg.drop_last)):
+            n = min(b, left - k * b)
             if n == b:
                 yield self._images, self._labels
             else:  # the last, partial batch: a view, still no copy

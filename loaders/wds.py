@@ -26,7 +26,15 @@ from torch.utils.data import IterableDataset
 
 from . import objstore
 from .backend import Backend
-from .contract import BaseLoader, LoaderConfig, LoaderError, num_batches, shard_sizes
+from .contract import (
+    BaseLoader,
+    LoaderConfig,
+    LoaderError,
+    num_batches,
+    require_batches_read,
+    require_same,
+    shard_sizes,
+)
 from .feed import DeviceFeed
 from .images import check_decoder, collate_checked, describe_pipeline, sample, transform_for
 from .shards import (
@@ -190,6 +198,8 @@ class _ShardStream(IterableDataset):
         )
         self.shuffle_buffer = loader.options.shuffle_buffer
         self.epoch = 0
+        # DataLoader worker -> (the worker's share it reads, its batches read already): a resumed epoch
+        self.plan: dict[int, tuple[int, int]] = {}
 
     def _order(self) -> list[int]:
         if not self.cfg.train:
@@ -248,6 +258,7 @@ class _ShardStream(IterableDataset):
         wds = import_wds()
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        worker, skip = self.plan.get(worker, (worker, 0))
         samples = self._samples(self.parts(worker, workers))
         if self.cfg.train and self.shuffle_buffer > 1:
             seed = hash((self.cfg.seed, self.epoch, self.cfg.rank, worker)) & 0x7FFF_FFFF
@@ -255,10 +266,12 @@ class _ShardStream(IterableDataset):
             # whole of it: a full fill stalls every epoch's start by reading the worker's whole range.
             samples = wds.shuffle(self.shuffle_buffer, max(1, self.shuffle_buffer // 10), seed=seed)(samples)
         # Batches of raw samples first, decoded after: a skipped bad sample shrinks its batch but
-        # never changes how many batches a rank yields.
-        batches = wds.batched(self.cfg.batch_size, collation_fn=self._decode_batch, partial=True)(samples)
+        # never changes how many batches a rank yields; a resumed epoch passes over the batches its
+        # state says were read without decoding them (reading their bytes: tar has no index).
+        batches = wds.batched(self.cfg.batch_size, collation_fn=None, partial=True)(samples)
         try:
-            yield from batches
+            for raw in itertools.islice(batches, skip, None):
+                yield self._decode_batch(raw)
         except LoaderError as exc:
             yield _Failed(str(exc))
 
@@ -274,6 +287,7 @@ class WdsLoader(BaseLoader):
         self.options, self.folder, self.manifest = opts, folder, manifest
         self._feed = DeviceFeed.for_options(cfg, opts)
         self._stream = _ShardStream(self)
+        self._skipped = 0  # batches of the epoch a resumed state had read already
         self._loader = worker_loader(
             self._stream, opts, self.name, cfg.device.type == "cuda", batch_size=None
         )
@@ -287,9 +301,57 @@ class WdsLoader(BaseLoader):
         )
         return d
 
+    def _streams(self) -> int:
+        return max(1, self.options.num_workers)
+
+    def _own_state(self) -> dict:
+        return {
+            "batches_read": self._skipped + self._taken + self._empty_batches,  # by this rank = by each
+            "num_workers": self.options.num_workers,
+            "shuffle_buffer": self.options.shuffle_buffer,
+        }
+
+    def _check_geometry(self, state: dict) -> None:
+        # A rank's place is per worker inside its own contiguous range of the epoch's shard sequence
+        # (and behind each worker's shuffle buffer): it holds only for the same split of that sequence.
+        cfg = self.config
+        mine = dict(world_size=cfg.world_size, batch_size=cfg.batch_size, drop_last=cfg.drop_last)
+        mine.update(num_workers=self.options.num_workers, shuffle_buffer=self.options.shuffle_buffer)
+        why = (
+            "the wds loader continues an epoch only with the same ranks, workers, batch size and shuffle "
+            "buffer (a rank's place is per worker in its range of the shards)"
+        )
+        require_same(state, mine, why)
+        require_batches_read(state, len(self))
+
+    def _worker_plan(self, read: int) -> dict[int, tuple[int, int]]:
+        """Which worker's share each DataLoader worker reads in a resumed epoch, and how many of its
+        batches to pass over, so that the rank yields what an uninterrupted epoch had left in its
+        order. DataLoader takes an iterable dataset's batches from its workers in turn, passing
+        over those that have run out: after ``read`` batches the turn is at some worker, and the
+        resumed DataLoader's worker 0 must play that one."""
+        cfg, streams = self.config, self._streams()
+        start, stop = rank_range(self.split_size, cfg.rank, cfg.world_size, cfg.train)
+        counts = []
+        for w in range(streams):
+            a, b = worker_range(start, stop, cfg.batch_size, cfg.drop_last, w, streams)
+            counts.append(math.ceil((b - a) / cfg.batch_size) if b > a else 0)
+        taken, turn = [0] * streams, 0
+        while read > 0:
+            if taken[turn] < counts[turn]:
+                taken[turn], read = taken[turn] + 1, read - 1
+            turn = (turn + 1) % streams
+        order = [(turn + k) % streams for k in range(streams)]  # the turns from here on, in order
+        return {physical: (w, taken[w]) for physical, w in enumerate(order)}
+
     def _batches(self):
         self._stream.epoch = self.epoch  # workers copy the dataset when the iterator starts
-        expected = num_batches(self.num_samples, self.config.batch_size, self.config.drop_last)
+        resumed = self._resumed_from
+        self._skipped = resumed["batches_read"] if resumed else 0
+        self._stream.plan = self._worker_plan(self._skipped) if self._skipped else {}
+        expected = (
+            num_batches(self.num_samples, self.config.batch_size, self.config.drop_last) - self._skipped
+        )
         got = 0
         for item in self._loader:
             if isinstance(item, _Failed):
