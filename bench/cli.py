@@ -18,7 +18,7 @@ from pathlib import Path
 from loaders import launch
 from loaders.contract import LoaderError
 
-from .errors import BenchError, UsageError
+from .errors import BenchError, Preempted, UsageError
 from .harness.spec import RunSpec, add_flags
 
 
@@ -41,6 +41,13 @@ def _run_parser(sub) -> None:
         description="Train a model with one loader; rank 0 writes a JSON result under --out.",
     )
     add_flags(p)
+    p.add_argument(
+        "--resume",
+        dest="resume_dir",
+        metavar="DIR",
+        help="continue the run whose checkpoints are in DIR, with its settings (flags given here "
+        "override them, e.g. --cpu-ranks N to resume on another number of ranks)",
+    )
 
 
 def cmd_run(args, argv: list[str]) -> int:
@@ -50,6 +57,10 @@ def cmd_run(args, argv: list[str]) -> int:
         launch.adopt()
     except launch.LaunchError as exc:
         raise UsageError(str(exc)) from None
+    if args.resume_dir:
+        from .harness.resume import resumed_run
+
+        args, _ = resumed_run(args, argv, parser())  # the result records the command as typed
     spec = RunSpec.from_args(args)
     runner.check(spec)
     launched = "WORLD_SIZE" in os.environ  # under torchrun / srun already: we are one rank
@@ -586,6 +597,10 @@ def _main(argv: list[str]) -> int:
         if args.command == "data":
             return {"synth": cmd_synth, "convert": cmd_convert, "upload": cmd_upload}[args.data_command](args)
         return {"report": cmd_report, "compare": cmd_compare, "backends": cmd_backends}[args.command](args)
+    except Preempted as exc:  # checkpointed on SIGTERM: the status a requeue script looks for
+        if os.environ.get("RANK", "0") == "0":
+            print(f"bench: preempted: {exc}", file=sys.stderr)
+        return exc.exit_code
     except (LoaderError, BenchError) as exc:
         if not _during_interrupt(exc):
             return _error(exc)

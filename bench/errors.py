@@ -9,3 +9,9 @@ class BenchError(Exception):
 
 class UsageError(BenchError):
     """A bad command line or option."""
+
+
+class Preempted(BenchError):
+    """SIGTERM: the run checkpointed at a step boundary and stopped; ``bench run --resume`` continues it."""
+
+    exit_code = 143  # 128 + SIGTERM: what a shell (and SLURM) reports for a run ended by TERM

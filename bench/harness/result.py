@@ -52,6 +52,9 @@ class Metrics:
     storage: dict = field(
         default_factory=dict
     )  # regime, bytes read, requests, staging (bench.storage.regime)
+    first_batch_seconds: float | None = None  # the measured loop's start to its first batch
+    start_to_first_batch_seconds: float | None = None  # the process's start to it (a restart's cost)
+    checkpoint: dict | None = None  # saves, their cost, where it resumed from (bench run --checkpoint)
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as they were
 
     @classmethod

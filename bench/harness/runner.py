@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -10,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -20,12 +22,22 @@ from loaders.contract import available_cores, scan_imagefolder
 
 from ..data.convert import folder_storage
 from ..data.synth import SynthSpec, default_dataset
-from ..errors import UsageError
+from ..errors import Preempted, UsageError
 from ..storage import regime
-from ..trainer import MODELS, TrainConfig, TrainError, all_reduce_values, build_model, measure, train
+from ..trainer import (
+    MODELS,
+    TrainConfig,
+    TrainError,
+    all_reduce_values,
+    build_model,
+    checkpoint,
+    measure,
+    train,
+)
 from . import cpus, envinfo
 from . import result as results
 from .monitor import ResourceMonitor
+from .resume import record_run
 from .spec import RunSpec
 
 COMMAND_ENV = "LOADERBENCH_COMMAND"  # the user's command line, handed to the ranks torchrun starts
@@ -75,14 +87,26 @@ def check(cfg: RunSpec) -> None:
         )
     if (cfg.shard_optimizer or cfg.fsdp) and cfg.loader_only:
         raise UsageError("--loader-only trains no model: drop --shard-optimizer / --fsdp")
+    if cfg.checkpoint_every < 0:
+        raise UsageError(f"--checkpoint-every must be >= 0, got {cfg.checkpoint_every}")
+    if cfg.checkpoint_every and not cfg.checkpoint:
+        raise UsageError("--checkpoint-every needs --checkpoint DIR (where the checkpoints go)")
+    if cfg.checkpoint and not cfg.resume and checkpoint.latest(Path(cfg.checkpoint)) is not None:
+        raise UsageError(
+            f"--checkpoint {cfg.checkpoint} holds a checkpoint already "
+            f"({checkpoint.latest(Path(cfg.checkpoint)).name}): continue that run with "
+            f"`bench run --resume {cfg.checkpoint}`, or choose another folder"
+        )
     get_backend(cfg.loader)  # not installed: a clear line
-    out = Path(cfg.out)
-    try:  # found out now, not after an hour of training
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"--out {out}: cannot create the results folder ({exc.strerror})") from None
-    if not os.access(out, os.W_OK):
-        raise UsageError(f"--out {out}: folder is not writable")
+    for flag, folder in (("--out", cfg.out), ("--checkpoint", cfg.checkpoint)):
+        if folder is None:
+            continue
+        try:  # found out now, not after an hour of training
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"{flag} {folder}: cannot create the folder ({exc.strerror})") from None
+        if not os.access(folder, os.W_OK):
+            raise UsageError(f"{flag} {folder}: folder is not writable")
 
 
 def device_for(cfg: RunSpec) -> torch.device:
@@ -143,8 +167,17 @@ def relaunch(cfg: RunSpec, argv: list[str], data_root: Path) -> int:
     elif cfg.cpu_ranks:  # share the cores between ranks instead of oversubscribing them
         env.setdefault("OMP_NUM_THREADS", str(max(1, available_cores() // cfg.cpu_ranks)))
     proc = subprocess.Popen(cmd, env=env)
+    termed = []
+
+    def forward(signum, frame):  # SIGTERM to this process alone (kill PID): torchrun passes it to the ranks
+        termed.append(signum)
+        proc.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
     try:
-        return proc.wait()
+        code = proc.wait()
+        # the ranks checkpointed and stopped (torchrun itself reports a rank's exit as 1)
+        return Preempted.exit_code if termed and code != 0 else code
     except KeyboardInterrupt:
         # A terminal's Ctrl-C reaches torchrun and the ranks too, and torchrun stops them: wait for
         # it rather than orphan them; pass the signal on only if this process alone received it.
@@ -157,6 +190,8 @@ def relaunch(cfg: RunSpec, argv: list[str], data_root: Path) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def prepare(cfg: RunSpec, *splits: Path | None) -> None:
@@ -277,19 +312,30 @@ def _run(cfg, argv, device, rank, world_size, log, cores) -> Path | None:
                 f"{cfg.warmup_steps} warm-up steps; raise --epochs or lower --batch-size"
             )
         monitor = ResourceMonitor(gpu_index=device.index if device.type == "cuda" else None).start()
-        if cfg.loader_only:
-            log(
-                f"loader only: {cfg.loader} on {train_dir}: {len(train_loader)} batches/epoch x {epochs} epoch(s), "
-                f"{world_size} rank(s) on {device}{on_cores(cores)}"
-            )
-            outcome = measure(train_loader, tcfg, device, log=log)
-        else:
-            model = build_model(cfg.model, len(train_loader.classes))
-            log(
-                f"training {cfg.model} on {train_dir} with loader {cfg.loader}: {len(train_loader)} steps/epoch "
-                f"x {epochs} epoch(s), {world_size} rank(s) on {device}{on_cores(cores)}"
-            )
-            outcome = train(model, train_loader, val_loader, tcfg, device, log=log)
+        checkpoints = (
+            checkpoint.Checkpoints(cfg.checkpoint, cfg.checkpoint_every, resume=cfg.resume)
+            if cfg.checkpoint
+            else contextlib.nullcontext()
+        )
+        if cfg.checkpoint and not cfg.resume and rank == 0:
+            record_run(cfg)
+        with checkpoints:  # SIGTERM: a checkpoint at the next step boundary, then exit 143
+            ckpt = checkpoints if cfg.checkpoint else None
+            if cfg.loader_only:
+                log(
+                    f"loader only: {cfg.loader} on {train_dir}: {len(train_loader)} batches/epoch x {epochs} epoch(s), "
+                    f"{world_size} rank(s) on {device}{on_cores(cores)}"
+                )
+                if ckpt is not None:
+                    ckpt.restore({})
+                outcome = measure(train_loader, tcfg, device, log=log, checkpoints=ckpt)
+            else:
+                model = build_model(cfg.model, len(train_loader.classes))
+                log(
+                    f"training {cfg.model} on {train_dir} with loader {cfg.loader}: {len(train_loader)} steps/epoch "
+                    f"x {epochs} epoch(s), {world_size} rank(s) on {device}{on_cores(cores)}"
+                )
+                outcome = train(model, train_loader, val_loader, tcfg, device, log=log, checkpoints=ckpt)
         resources = monitor.stop()  # this rank's process and its workers
         if device.type == "cuda":
             resources["torch_cuda_max_allocated_mib"] = round(
@@ -347,6 +393,12 @@ def _run(cfg, argv, device, rank, world_size, log, cores) -> Path | None:
         },
     )
     res.metrics.storage = storage
+    res.metrics.first_batch_seconds = outcome.first_batch_seconds
+    res.metrics.start_to_first_batch_seconds = (
+        None if outcome.first_batch_seconds is None else outcome.first_batch_at - _process_start()
+    )
+    if cfg.checkpoint:
+        res.metrics.checkpoint = {**ckpt.record(), "loader_state_ms": _state_ms(train_loader)}
     if storage.get("staging_s") and outcome.measured_seconds:  # FFCV's real cost: its copy of the bucket
         storage["images_per_second_with_staging"] = outcome.measured_images / (
             outcome.measured_seconds + storage["staging_s"]
@@ -356,6 +408,24 @@ def _run(cfg, argv, device, rank, world_size, log, cores) -> Path | None:
 
     Console().print(results.table(res, path))
     return path
+
+
+def _process_start() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+def _state_ms(loader) -> float | None:
+    """What one ``state_dict()`` of the training loader costs (median of 5, ms)."""
+    if not hasattr(loader, "state_dict"):
+        return None
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        loader.state_dict()
+        times.append((time.perf_counter() - t) * 1e3)
+    return sorted(times)[2]
 
 
 def on_cores(cores: list[int] | None) -> str:

@@ -51,6 +51,9 @@ class RunSpec:
     s3_bucket: str = "loaderbench"
     s3_latency_ms: float = 0.0  # first-byte latency added by the shaper in front of an http endpoint
     s3_mbps: float = 0.0  # per-connection bandwidth cap (megabits/s); 0: none
+    checkpoint: str | None = None  # folder for checkpoints (bench.trainer.checkpoint); None: none
+    checkpoint_every: int = 0  # steps between checkpoints; 0: only when SIGTERM asks for one
+    resume: bool = False  # continue from the newest checkpoint in ``checkpoint`` (bench run --resume DIR)
     out: str = "reports/runs"
     label: str = ""  # free text recorded in the result (sweep, tune and doctor name their runs with it)
 
@@ -252,6 +255,20 @@ FLAGS: dict[str, tuple[str, dict]] = {
         "--s3-mbps",
         dict(type=float, help="bandwidth per connection, megabits/s (default: unlimited)"),
     ),
+    "checkpoint": (
+        "--checkpoint",
+        dict(
+            metavar="DIR",
+            help="write resumable checkpoints into DIR (model, optimizer, loader state...): every "
+            "--checkpoint-every steps, and at the next step after a SIGTERM (then exit 143)",
+        ),
+    ),
+    "checkpoint_every": (
+        "--checkpoint-every",
+        dict(type=int, metavar="N", help="steps between checkpoints (default 0: only on SIGTERM)"),
+    ),
+    # set by `bench run --resume DIR` (which reads DIR's settings) and carried to the ranks
+    "resume": ("--resumed", dict(action="store_true", help=argparse.SUPPRESS)),
     "out": ("--out", dict(help="folder for the JSON result (default reports/runs)")),
     "label": ("--label", dict(help="a name recorded in the result (reports group runs by it)")),
 }

@@ -38,8 +38,11 @@ def main(argv: list[str]) -> int:
         print(f"bench: error: {describe(rank, failure)}", file=sys.stderr)
         return 2 if failure.exitcode == 2 else 1
     except (KeyboardInterrupt, SignalException) as exc:  # torchrun has already stopped the ranks
-        sig = getattr(exc, "sigval", signal.SIGINT)
-        print(f"bench: interrupted ({signal.Signals(sig).name}); every rank stopped", file=sys.stderr)
+        sig = signal.Signals(getattr(exc, "sigval", signal.SIGINT))
+        if sig == signal.SIGTERM:  # passed on to the ranks: with --checkpoint they saved one first
+            print("bench: SIGTERM; every rank stopped", file=sys.stderr)
+            return 128 + sig  # 143, as a preempted rank and a TERM-killed process report
+        print(f"bench: interrupted ({sig.name}); every rank stopped", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
 

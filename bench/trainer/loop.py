@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import BenchError
+from ..errors import BenchError, Preempted
 
 
 class TrainError(BenchError):
@@ -75,6 +75,24 @@ def coverage(counts: torch.Tensor, device: torch.device) -> dict:
     }
 
 
+def _loop_state(epoch, steps, epoch_steps, loss_sum, counts, records, device) -> dict:
+    """The measured loop's place, as a checkpoint holds it (every rank calls it): plain numbers and
+    lists; the epoch's label counts summed over ranks, its loss sum averaged over them, so that a
+    resume on another number of ranks still adds up."""
+    world = _world()[1]
+    (loss,) = all_reduce_values([float(loss_sum)], device)
+    if counts is not None:
+        (counts,) = all_reduce_values([counts.double()], device)
+    return {
+        "epoch": epoch,
+        "steps": steps,
+        "epoch_steps": epoch_steps,
+        "loss_sum": loss / world,
+        "counts": None if counts is None else counts.round().long().tolist(),
+        "records": [vars(r) for r in records],
+    }
+
+
 @dataclass
 class TrainResult:
     images_per_second: float  # all ranks, after warm-up
@@ -87,6 +105,8 @@ class TrainResult:
     epochs: list[EpochRecord] = field(default_factory=list)
     stopped_early: bool = False
     memory: dict | None = None  # per-rank lists of what ``memory_per_rank`` measures
+    first_batch_seconds: float | None = None  # from the loop's start to its first batch (a resume's cost)
+    first_batch_at: float | None = None  # wall-clock time (time.time()) of that batch
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -196,27 +216,55 @@ def measure(
     end_epoch=None,
     log=print,
     what: str = "batches fetched",
+    checkpoints=None,
+    objects: dict | None = None,
 ) -> TrainResult:
     """The one measured loop. Epochs of ``loader``; per batch ``step(images, labels)`` (None: loader
     only, no model) and after each epoch ``end_epoch(record)``, which may fill in evaluation and
     return True to stop. Throughput: images after ``warmup_steps`` batches / the wall time of the
     batches themselves, summed over ranks; time between epochs (evaluation, the next epoch's
-    iterator start is not: it belongs to the loader) is left out."""
+    iterator start is not: it belongs to the loader) is left out.
+
+    ``checkpoints`` (checkpoint.Checkpoints): saved at step boundaries with ``objects`` (model,
+    optimizer, scaler) and the loader's ``state_dict()``; a restored one puts the loop back at its
+    step and the loader at its place in the epoch. Warm-up counts from this process's first step."""
     rank, world_size = _world()
     clock = _StepClock(device)
     has_batchnorm = step is not None and getattr(step, "has_batchnorm", False)
     steps, measured_images, measured_seconds = 0, 0, 0.0
+    local_steps = 0  # this process's steps: warm-up is paid again after a resume
     data_wait, step_time = [], []
     result = TrainResult(0.0, 0, 0.0, 0)
     done = False
-    for epoch in range(cfg.epochs):
+    restored = checkpoints.restored if checkpoints is not None else None
+    first_epoch, resumed_epoch = 0, None
+    if restored is not None:
+        loop = restored["loop"]
+        first_epoch, steps, resumed_epoch = loop["epoch"], loop["steps"], loop
+        result.epochs = [EpochRecord(**r) for r in loop["records"]]
+        if restored["loader"] is not None and hasattr(loader, "load_state_dict"):
+            loader.load_state_dict(restored["loader"])  # refused here, before any batch, if it cannot hold
+        seen = (restored["loader"] or {}).get("samples_seen")
+        log(
+            f"resumed from {restored['path']}: step {steps}, epoch {first_epoch}"
+            + ("" if seen is None else f" after {seen} of its samples")
+            + f", written by {restored['world_size']} rank(s)"
+        )
+    loop_start = time.perf_counter()
+    for epoch in range(first_epoch, cfg.epochs):
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         loss_sum = torch.zeros((), device=device)
         epoch_steps = 0
         counts = torch.zeros(cfg.num_classes, dtype=torch.int64, device=device) if cfg.num_classes else None
+        if resumed_epoch is not None:  # the interrupted epoch's sums so far
+            loss_sum += resumed_epoch["loss_sum"]
+            epoch_steps = resumed_epoch["epoch_steps"]
+            if counts is not None and resumed_epoch["counts"] is not None and rank == 0:  # all ranks' sum
+                counts += torch.tensor(resumed_epoch["counts"], dtype=torch.int64, device=device)
+            resumed_epoch = None
         epoch_start = time.perf_counter()
-        segment_start = epoch_start if steps >= cfg.warmup_steps else None
+        segment_start = epoch_start if local_steps >= cfg.warmup_steps else None
         it = iter(loader)
         complete = False  # the loader ran out: a whole epoch (not cut by max_steps)
         while True:
@@ -227,6 +275,8 @@ def measure(
                 complete = True
                 break
             t1 = time.perf_counter()
+            if result.first_batch_seconds is None:
+                result.first_batch_seconds, result.first_batch_at = t1 - loop_start, time.time()
             if has_batchnorm and labels.shape[0] < 2:
                 raise TrainError(
                     f"step {steps}: a training batch of {labels.shape[0]} sample(s) cannot train "
@@ -238,11 +288,12 @@ def measure(
             if step is not None:
                 loss_sum += step(images, labels)
             steps += 1
+            local_steps += 1
             epoch_steps += 1
-            if steps == cfg.warmup_steps:  # the measured window opens after warm-up
+            if local_steps == cfg.warmup_steps:  # the measured window opens after warm-up
                 clock.sync()  # asynchronous work of the warm-up batches ends inside the warm-up
                 segment_start = time.perf_counter()
-            elif steps > cfg.warmup_steps:
+            elif local_steps > cfg.warmup_steps:
                 if step is not None:
                     clock.stop(begin)
                 measured_images += labels.shape[0]
@@ -250,6 +301,20 @@ def measure(
                 step_time.append(
                     (time.perf_counter() if step is not None else t1) - t0
                 )  # loader only: the wait
+            if checkpoints is not None:
+                action = checkpoints.boundary(steps)
+                if action is not None:  # saving is not training: outside the measured window
+                    paused = time.perf_counter()
+                    state = _loop_state(epoch, steps, epoch_steps, loss_sum, counts, result.epochs, device)
+                    loader_state = loader.state_dict() if hasattr(loader, "state_dict") else None
+                    path = checkpoints.save(state, loader_state, objects or {})
+                    if action == "stop":
+                        raise Preempted(
+                            f"SIGTERM: checkpointed step {steps} (epoch {epoch}) in {path}; continue "
+                            f"with: bench run --resume {checkpoints.folder}"
+                        )
+                    if segment_start is not None:
+                        segment_start += time.perf_counter() - paused
             if cfg.max_steps is not None and steps >= cfg.max_steps:
                 done = True
                 break
@@ -343,7 +408,13 @@ def _fully_shard(net: nn.Module, device: torch.device) -> None:
 
 
 def train(
-    model: nn.Module, train_loader, val_loader, cfg: TrainConfig, device: torch.device, log=print
+    model: nn.Module,
+    train_loader,
+    val_loader,
+    cfg: TrainConfig,
+    device: torch.device,
+    log=print,
+    checkpoints=None,
 ) -> TrainResult:
     """``measure`` with a training step, evaluation after each epoch and early stopping."""
     rank, world_size = _world()
@@ -413,7 +484,19 @@ def train(
         best["bad_epochs"] += 1
         return best["bad_epochs"] >= cfg.patience  # val loss is all-reduced: every rank stops together
 
+    objects = {"model": net, "optimizer": optimizer, "scaler": scaler, "shard": cfg.shard, "extra": best}
+    if checkpoints is not None:
+        checkpoints.restore(objects)  # the newest checkpoint's weights and optimizer, with --resume
     train_model.train()
-    result = measure(train_loader, cfg, device, step=step, end_epoch=end_epoch, log=log)
+    result = measure(
+        train_loader,
+        cfg,
+        device,
+        step=step,
+        end_epoch=end_epoch,
+        log=log,
+        checkpoints=checkpoints,
+        objects=objects,
+    )
     result.memory = memory_per_rank(net, optimizer, device)
     return result
