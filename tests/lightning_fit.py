@@ -40,6 +40,8 @@ class Recorder(pl.LightningModule):
     def training_step(self, batch, _):
         images, labels = batch
         assert images.dtype == torch.float32 and labels.dtype == torch.int64
+        if not self.train_ids:  # a fit resumed mid-epoch starts without on_train_epoch_start
+            self.train_ids.append([])
         self.train_ids[-1] += decode_ids(images)
         loss = torch.nn.functional.cross_entropy(self(images), labels)
         assert loss.dtype == torch.float32  # bf16-mixed: the logits are bf16 under autocast
