@@ -57,10 +57,6 @@ def cmd_run(args, argv: list[str]) -> int:
         launch.adopt()
     except launch.LaunchError as exc:
         raise UsageError(str(exc)) from None
-    if args.resume_dir:
-        from .harness.resume import resumed_run
-
-        args, _ = resumed_run(args, argv, parser())  # the result records the command as typed
     spec = RunSpec.from_args(args)
     runner.check(spec)
     launched = "WORLD_SIZE" in os.environ  # under torchrun / srun already: we are one rank
@@ -587,6 +583,10 @@ def _main(argv: list[str]) -> int:
     try:
         if args.command == "sweep" and args.resume:
             args, argv = resumed(args, argv)
+        if args.command == "run" and args.resume_dir:  # before the storage session: it may be s3
+            from .harness.resume import resumed_run
+
+            args, _ = resumed_run(args, argv, parser())  # the result records the command as typed
         if args.command in with_argv:
             # One object store (and shaper) for the whole command: every trial, every rank.
             spec = RunSpec(

@@ -304,6 +304,11 @@ def table(result: Result, path: Path | None = None):
     ]
     if m.storage:
         rows.append(("storage", storage_line(m.storage)))
+    resumed = (m.checkpoint or {}).get("resumed_from")
+    if resumed:
+        rows.append(
+            ("resumed from", f"step {resumed['step']} (epoch {resumed['epoch']}), {resumed['checkpoint']}")
+        )
     if path is not None:
         rows.append(("result", str(path)))
     for k, v in rows:
