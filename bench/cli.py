@@ -390,7 +390,18 @@ def _plan_parser(sub) -> None:
     p.add_argument(
         "--trials", type=int, default=1, help="loader measurements per core count, median taken (default 1)"
     )
-    p.add_argument("--measured", help="folder of `bench run --cpus N` results to draw on the map")
+    p.add_argument(
+        "--measured",
+        help="folder of `bench run` results: `--cpus N` ones are drawn on the map; CUDA training ones give "
+        "each loader's GPU cost (its GPU time per step over synthetic's)",
+    )
+    p.add_argument(
+        "--gpu-cost",
+        action="append",
+        metavar="NAME=RATIO",
+        help="a loader's GPU time per step over synthetic's (e.g. dali=1.3: its GPU decode slows the model); "
+        "repeatable, overrides --measured",
+    )
     p.add_argument("--out", help="folder for plan.json and plan.png (default reports/plan-<time>)")
 
 
@@ -484,8 +495,8 @@ def cmd_compare(args) -> int:
         t.add_row(
             r["group"],
             r["metric"],
-            fmt(r["a"]),
-            fmt(r["b"]),
+            fmt(r["a"]) if r["a"] is not None or "joules" not in r["metric"] else "not measured",
+            fmt(r["b"]) if r["b"] is not None or "joules" not in r["metric"] else "not measured",
             "n/a" if r["ratio"] is None else f"{r['ratio']:.3f}",
         )
     Console().print(t)

@@ -109,6 +109,11 @@ class Backend:
         change = {self.knobs[t]: v for t, v in values.items() if t in self.knobs and v is not None}
         return dataclasses.replace(opts, **change)
 
+    def gpu_work_between_steps(self, options: dict) -> bool:
+        """True where the loader's GPU work runs in the training process between steps, so that it
+        adds to a step's time instead of overlapping it (the planner's model, docs/plan.md)."""
+        return False
+
     def workers_of(self, options: dict):
         """The parallelism (workers or threads) recorded in a result's options, or None."""
         knob = self.knobs.get("workers")

@@ -60,6 +60,9 @@ class TorchBackend(Backend):
     prefetch_values = (2, 4, 8)
     reads_s3 = True
 
+    def gpu_work_between_steps(self, options: dict) -> bool:
+        return options.get("decode") == "gpu"  # nvJPEG in the main process, between steps
+
     def build(self, cfg: LoaderConfig, opts: Options) -> TorchLoader:
         check_worker_options(opts)
         if opts.s3_requests < 1:

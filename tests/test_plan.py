@@ -84,3 +84,80 @@ def test_every_named_gpu_rate_names_its_source():
     for model, table in GPU_RATES.items():
         for name, (rate, source) in table.items():
             assert rate > 0 and len(source) > 40, (model, name)
+
+
+def test_a_loader_that_takes_gpu_time_lowers_the_ceiling_it_reaches():
+    # DALI-like: a fast loader whose GPU decode makes the model's step 1.3x longer
+    m = Measured(loaders={"gpu-decode": Curve([16], [14000.0]), "cpu-decode": Curve([16], [5600.0])})
+    t = Target(gpus=1, cores_per_node=16, gpu_rate=3740.0, gpu_cost={"gpu-decode": 1.3})
+    p = predict(m, t, "gpu-decode")
+    assert p["per_gpu_ips"] == pytest.approx(3740 / 1.3) and p["bound"] == "gpu shared"
+    assert p["cores_per_gpu_for_95"] == 4  # 95 % of the lowered ceiling at 875 img/s per core
+    assert predict(m, t, "cpu-decode")["bound"] == "compute"  # cost 1: the model's own rate
+    # decode in the training process between steps: the times add up
+    t.serial = {"gpu-decode": True}
+    s = predict(m, t, "gpu-decode")
+    assert s["per_gpu_ips"] == pytest.approx(1 / (1 / 14000 + 1.3 / 3740)) and s["bound"] == "gpu shared"
+    from bench.harness.plan import advice
+
+    assert "1.30x synthetic's" in advice([s], t)["gpu-decode"]
+
+
+def _cuda_result(loader, compute_ms, options=None, loader_only=False):
+    from tests.test_harness import fake_result
+
+    r = fake_result(1000.0, loader)
+    r.config.update(loader=loader, model="resnet50", device="cuda:0", loader_only=loader_only, batch_size=128)
+    r.config.update(amp="bf16", channels_last=True, loader_options=options or {})
+    r.metrics.compute_time_s = {"median": compute_ms / 1e3}
+    return r
+
+
+def test_gpu_costs_come_from_cuda_results_against_synthetic():
+    from bench.harness.plan import gpu_costs
+
+    runs = [
+        _cuda_result("synthetic", 34.0),
+        _cuda_result("synthetic", 34.2),
+        _cuda_result("dali", 44.2, {"decode": "auto"}),  # its default decode: keyed by its name
+        _cuda_result("torch", 34.4, {"decode": "gpu"}),
+        _cuda_result("torch", 99.0, {"decode": "cpu"}, loader_only=True),  # trains no model: not a cost
+    ]
+    costs = gpu_costs(runs, "resnet50")
+    assert set(costs) == {"dali", "torch decode=gpu"}
+    assert (
+        costs["dali"]["cost"] == pytest.approx(44.2 / 34.1)
+        and "44.2 vs synthetic 34.1" in costs["dali"]["source"]
+    )
+    assert gpu_costs(runs, "resnet18") == {}  # another model's GPU time says nothing of this one
+
+
+def test_gpu_cost_flags_are_checked():
+    from argparse import Namespace
+
+    from bench.errors import UsageError
+    from bench.harness.plan import target_from
+
+    base = dict(gpus=1, cores_per_node=16, nodes=1, gpu=None, measured=None)
+    t = target_from(Namespace(**base, gpu_rate=3700.0, gpu_cost=["dali=1.3"]), "resnet50")
+    assert t.gpu_cost == {"dali": 1.3} and t.gpu_cost_source == {"dali": "--gpu-cost"}
+    for bad, says in ((["dali"], "expected NAME=RATIO"), (["dali=-1"], "must be > 0")):
+        with pytest.raises(UsageError, match=says):
+            target_from(Namespace(**base, gpu_rate=3700.0, gpu_cost=bad), "resnet50")
+    with pytest.raises(UsageError, match="give --gpu-rate or --gpu"):
+        target_from(Namespace(**base, gpu_rate=None, gpu_cost=["dali=1.3"]), "resnet50")
+
+
+def test_the_planner_check_against_the_committed_h100_runs_reproduces():
+    """reports/plan-gpu-h100 is what scripts/plan-gpu-check.py prints from the committed results."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    out = subprocess.run(
+        [sys.executable, "scripts/plan-gpu-check.py"], cwd=REPO, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == (REPO / "reports/plan-gpu-h100/README.md").read_text().strip()
+    assert "| dali decode=gpu | 13,871 | 1.33 |" in out.stdout

@@ -6,7 +6,12 @@ images/s confined to 1, 2 .. K cores with as many workers or threads (the scalin
 model's training rate (the synthetic loader, at the same core counts, unless the GPU's rate is
 given), and the storage read rate. Then, for G GPUs on a node of C cores (M nodes):
 
-- a GPU trains on its own: images/s per GPU = min(loader at C/G cores, GPU rate, storage / G);
+- a GPU trains on its own: images/s per GPU = min(loader at C/G cores, GPU rate / cost, storage / G),
+  where a loader's GPU cost is the model's GPU time per step with that loader over its GPU time with
+  synthetic data (measured: `--measured` CUDA results, or `--gpu-cost NAME=R`; 1 where not): a
+  loader that decodes on the GPU beside training (DALI mixed) slows the model down, not only itself.
+  A loader whose GPU work runs in the training process between steps (torch decode=gpu) adds its
+  time to the model's instead: 1 / (1 / loader + cost / GPU rate);
 - the CPU (no GPU rate): the loader and the model share the cores, so their times add up:
   1 / (1 / loader(c) + 1 / model(c)).
 
@@ -105,6 +110,10 @@ class Target:
     nodes: int = 1
     gpu_rate: float | None = None  # None: the model trains on the CPU cores (measured)
     gpu_source: str | None = None
+    # loader -> the model's GPU time per step with it / with synthetic data (1 where absent)
+    gpu_cost: dict[str, float] = field(default_factory=dict)
+    gpu_cost_source: dict[str, str] = field(default_factory=dict)
+    serial: dict[str, bool] = field(default_factory=dict)  # loader -> its GPU work is between steps
 
     @property
     def cores_per_gpu(self) -> float:
@@ -124,14 +133,24 @@ def predict(m: Measured, t: Target, loader: str, cores: float | None = None) -> 
     c = t.cores_per_gpu if cores is None else cores
     load = m.loaders[loader].at(c)
     store = m.storage_ips.get(loader)
-    if t.gpu_rate is not None:
-        limits = {"input": load, "compute": t.gpu_rate}
+    cost = t.gpu_cost.get(loader, 1.0)
+    if t.gpu_rate is not None and t.serial.get(loader):  # decode, then train: the times add up
+        per = 1.0 / (1.0 / load + cost / t.gpu_rate)
+        if store:
+            per = min(per, store / t.gpus)
+        bound = "gpu shared" if per < 0.95 * load else "input"
+        ceiling = t.gpu_rate
+        need = None  # more cores do not shorten the GPU's share
+    elif t.gpu_rate is not None:
+        limits = {"input": load, "compute": t.gpu_rate / cost}
         if store:
             limits["storage"] = store / t.gpus  # one node's storage feeds its G GPUs
         bound = min(limits, key=limits.get)
         per = limits[bound]
+        if bound == "compute" and cost > 1.02:
+            bound = "gpu shared"
         ceiling = t.gpu_rate
-        need = m.loaders[loader].cores_for(TARGET * t.gpu_rate)
+        need = m.loaders[loader].cores_for(TARGET * t.gpu_rate / cost)
     else:
         model = m.model.at(c)
         per = 1.0 / (1.0 / load + 1.0 / model)
@@ -147,6 +166,7 @@ def predict(m: Measured, t: Target, loader: str, cores: float | None = None) -> 
         "fraction_of_ceiling": per / ceiling,
         "bound": bound,
         "cores_per_gpu_for_95": need,
+        "gpu_cost": cost,
     }
 
 
@@ -161,6 +181,13 @@ def advice(rows: list[dict], t: Target) -> dict[str, str]:
             if best["loader"] != r["loader"]:
                 say += f"; {best['loader']} does {best['per_gpu_ips'] / r['per_gpu_ips']:.2f}x"
             out[r["loader"]] = say
+        elif r["bound"] == "gpu shared":
+            out[r["loader"]] = (
+                f"the GPU is shared: with {r['loader']} the model's GPU time per step is "
+                f"{r['gpu_cost']:.2f}x synthetic's"
+                + (", and its decode runs between steps" if t.serial.get(r["loader"]) else "")
+                + "; with enough cores a CPU-decoding loader leaves the GPU to the model"
+            )
         elif r["bound"] == "compute":
             out[r["loader"]] = f"compute-bound at {c:g} cores per GPU: a faster loader buys nothing; " + (
                 "spare cores are free for other work" if t.gpu_rate else "more cores speed the model"
@@ -333,6 +360,50 @@ def measured_points(folder: Path | None) -> list[dict]:
     return pts
 
 
+def gpu_costs(results, model: str) -> dict[str, dict]:
+    """Per loader, from CUDA training results of ``model``: the median GPU time per step (CUDA
+    events around the step) over synthetic's at the same batch, amp and channels_last. Keys: the
+    backend's name for its default decode, ``NAME decode=X`` for another."""
+    import collections
+
+    gpu = collections.defaultdict(list)
+    for r in results:
+        if (
+            r.loader_only
+            or r.config.get("model") != model
+            or not str(r.config.get("device", "")).startswith("cuda")
+        ):
+            continue
+        t = r.metrics.compute_time_s.get("median")
+        if t:
+            shape = (r.config["batch_size"], r.config["amp"], r.config["channels_last"])
+            gpu[(shape, variant_of(r))].append(t)
+    out = {}
+    for (shape, key), times in gpu.items():
+        base = gpu.get((shape, "synthetic"))
+        if key != "synthetic" and base:
+            out[key] = {
+                "cost": statistics.median(times) / statistics.median(base),
+                "source": f"GPU ms/step {statistics.median(times) * 1e3:.1f} vs synthetic "
+                f"{statistics.median(base) * 1e3:.1f} ({len(times)} and {len(base)} runs, batch {shape[0]})",
+            }
+    return out
+
+
+def variant_of(r) -> str:
+    """A result's loader, with its decode placement where it is not the backend's default."""
+    name, decode = r.config["loader"], r.options.get("decode")
+    try:
+        default = getattr(backends_by_name()[name].Options(), "decode", None)
+    except KeyError:
+        default = None
+    return name if decode in (None, default) else f"{name} decode={decode}"
+
+
+def backends_by_name() -> dict:
+    return {b.name: b for b in backends()}
+
+
 def draw(doc: dict, m: Measured, t: Target, path: Path, points: list[dict]) -> Path:
     import matplotlib
 
@@ -390,7 +461,31 @@ def target_from(args, model: str) -> Target:
         raise UsageError("bench plan reads local files; for object storage measure `bench run --storage s3`")
     if rate is not None and rate <= 0:
         raise UsageError(f"--gpu-rate must be > 0, got {rate}")
-    return Target(gpus=args.gpus, cores_per_node=cores, nodes=args.nodes, gpu_rate=rate, gpu_source=source)
+    cost, cost_source = {}, {}
+    if rate is not None and getattr(args, "measured", None):
+        from .report import results_in
+
+        for key, v in gpu_costs(results_in(Path(args.measured)).values(), model).items():
+            cost[key], cost_source[key] = v["cost"], f"{args.measured}: {v['source']}"
+    for item in getattr(args, "gpu_cost", None) or []:
+        name, _, value = item.partition("=")
+        try:
+            cost[name.strip()], cost_source[name.strip()] = float(value), "--gpu-cost"
+        except ValueError:
+            raise UsageError(f"--gpu-cost {item!r}: expected NAME=RATIO, e.g. dali=1.3") from None
+        if cost[name.strip()] <= 0:
+            raise UsageError(f"--gpu-cost {item!r}: the ratio must be > 0")
+    if cost and rate is None:
+        raise UsageError("--gpu-cost scales a GPU's rate: give --gpu-rate or --gpu too")
+    return Target(
+        gpus=args.gpus,
+        cores_per_node=cores,
+        nodes=args.nodes,
+        gpu_rate=rate,
+        gpu_source=source,
+        gpu_cost=cost,
+        gpu_cost_source=cost_source,
+    )
 
 
 def plan(

@@ -103,6 +103,10 @@ MEDIANS = {
     "cpu_pct": lambda r: r.metrics.resource("process_cpu_percent_mean"),
     "gpu_util": lambda r: r.metrics.resource("gpu_util_percent_mean"),
     "peak_rss_mib": lambda r: r.metrics.resource("peak_rss_total_mib"),
+    "joules_k": lambda r: r.metrics.joules_per_1000_images,  # None on the CPU: not measured
+    "gpu_compute_s": lambda r: (
+        r.metrics.compute_time_s.get("median") if r.config.get("device", "").startswith("cuda") else None
+    ),
 }
 
 
@@ -207,12 +211,12 @@ def _pct(v):
 def ladder_table(rungs: list[Rung], sweep: dict) -> list[str]:
     lines = [
         "| step | what changed | images/s (median, min-max, trials) | marginal | cumulative | data wait "
-        "| % of ceiling | val loss / acc | eval s | kept |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| % of ceiling | val loss / acc | eval s | J / 1k images | kept |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rungs:
         if r.status != "ok":
-            lines.append(f"| {r.key} | {r.title} | {r.status}: {r.reason} | | | | | | | no |")
+            lines.append(f"| {r.key} | {r.title} | {r.status}: {r.reason} | | | | | | | | no |")
             continue
         ips = f"{r.ips:,.1f} ({r.ips_min:,.1f}-{r.ips_max:,.1f}, {len(r.trials)})"
         marginal = _x(r.marginal)
@@ -235,7 +239,7 @@ def ladder_table(rungs: list[Rung], sweep: dict) -> list[str]:
             kept = "helped; measured apart" if r.kept else "no; measured apart"
         lines.append(
             f"| {r.key} | {r.title} | {ips} | {marginal} | {_x(r.cumulative)} | {_pct(r.data_wait)} | "
-            f"{_pct(r.ceiling_pct)} | {acc} | {_x(r.eval_s, '.2f', '')} | {kept} |"
+            f"{_pct(r.ceiling_pct)} | {acc} | {_x(r.eval_s, '.2f', '')} | {_x(r.joules_k, ',.1f', '')} | {kept} |"
         )
     return lines
 
@@ -359,14 +363,16 @@ def plot_workers(results: dict[str, Result], folder: Path) -> list[str]:
 def runs_table(results: dict[str, Result]) -> list[str]:
     lines = [
         "| label | mode | loader | options | amp / channels_last / compile | ranks | storage px | images/s median "
-        "| min - max | trials | data wait | val acc | CPU % (process) | peak RSS MiB | GPU util % | storage |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| min - max | trials | data wait | val acc | CPU % (process) | peak RSS MiB | GPU util % "
+        "| GPU ms / step | J / 1k images | storage |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for sig, g in sorted(groups_of(results).items(), key=lambda kv: str(kv[0])):
         label, mode, loader, opts, amp, cl, comp, ranks, _, _, res, regime = sig
         ips = g.ips
-        acc, cpu, rss, gpu = (
-            g.median(MEDIANS[k]) for k in ("val_acc", "cpu_pct", "peak_rss_mib", "gpu_util")
+        acc, cpu, rss, gpu, joules, gpu_s = (
+            g.median(MEDIANS[k])
+            for k in ("val_acc", "cpu_pct", "peak_rss_mib", "gpu_util", "joules_k", "gpu_compute_s")
         )
         opts_txt = ", ".join(f"{k}={v}" for k, v in json.loads(opts).items()) or "-"
         lines.append(
@@ -374,9 +380,21 @@ def runs_table(results: dict[str, Result]) -> list[str]:
             f"{statistics.median(ips):,.1f} | {min(ips):,.1f} - {max(ips):,.1f} | {len(ips)} | "
             f"{_pct(g.median(lambda r: r.metrics.data_wait_share))} | "
             f"{'-' if acc is None else f'{acc:.3f}'} | {'-' if cpu is None else f'{cpu:.0f}'} | "
-            f"{'-' if rss is None else f'{rss:,.0f}'} | {'-' if gpu is None else f'{gpu:.0f}'} | {regime} |"
+            f"{'-' if rss is None else f'{rss:,.0f}'} | {'-' if gpu is None else f'{gpu:.0f}'} | "
+            f"{'-' if gpu_s is None else f'{gpu_s * 1e3:.1f}'} | {'-' if joules is None else f'{joules:,.1f}'} | {regime} |"
         )
     return lines
+
+
+def energy_note(results: dict[str, Result]) -> str:
+    measured = [r for r in results.values() if r.metrics.joules_per_1000_images is not None]
+    if not measured:
+        return "GPU energy: not measured (no run here had a GPU whose energy NVML could read)."
+    sources = sorted({r.metrics.energy["source"] for r in measured})
+    return (
+        f"GPU energy (J / 1k images): what the GPU(s) drew over the measured window, {', '.join(sources)}; "
+        f"'-' where not measured. GPU ms / step: the model's step on the GPU (CUDA events), median."
+    )
 
 
 def _regime_order(regime: str) -> tuple:
@@ -580,7 +598,7 @@ def render(folder: Path | str, title: str | None = None, command: str | None = N
     plots += plot_workers(results, folder)
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
-    lines += ["## Every configuration measured", "", *runs_table(results), ""]
+    lines += ["## Every configuration measured", "", *runs_table(results), "", energy_note(results), ""]
     return write_atomic(folder / "README.md", "\n".join(lines))
 
 
@@ -593,6 +611,8 @@ METRICS = (
     ("eval s", lambda r: r.metrics.median_eval_seconds, False),
     ("val accuracy", lambda r: r.metrics.final_val_accuracy, True),
     ("peak RSS MiB", lambda r: r.metrics.resource("peak_rss_total_mib"), False),
+    ("GPU time per step s", MEDIANS["gpu_compute_s"], False),  # a loader that slows the model shows here
+    ("joules per 1,000 images", MEDIANS["joules_k"], False),
 )
 
 

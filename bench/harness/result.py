@@ -55,6 +55,7 @@ class Metrics:
     first_batch_seconds: float | None = None  # the measured loop's start to its first batch
     start_to_first_batch_seconds: float | None = None  # the process's start to it (a restart's cost)
     checkpoint: dict | None = None  # saves, their cost, where it resumed from (bench run --checkpoint)
+    energy: dict = field(default_factory=dict)  # GPU joules over the measured window (energy_fields)
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as they were
 
     @classmethod
@@ -70,6 +71,10 @@ class Metrics:
 
     def resource(self, key: str):
         return (self.resources or {}).get(key)
+
+    @property
+    def joules_per_1000_images(self) -> float | None:
+        return (self.energy or {}).get("joules_per_1000_images")
 
     @property
     def median_eval_seconds(self) -> float | None:
@@ -185,6 +190,31 @@ def metrics_from(train, skipped: int, resources: dict | None = None) -> Metrics:
         skipped_samples=skipped,
         resources=resources or {},
         memory_per_rank=getattr(train, "memory", None),
+    )
+
+
+def energy_fields(energy: dict, measured_images: int, epoch_images: int) -> dict:
+    """What the GPUs drew over the measured window, per 1,000 images and per epoch (an epoch's
+    images at the measured rate of joules per image: warm-up and evaluation are not in it)."""
+    if not energy.get("measured") or not measured_images:
+        return {"measured": False, "why": energy.get("why", "nothing was measured after warm-up")}
+    per_image = energy["joules"] / measured_images
+    return {
+        **energy,
+        "joules_per_1000_images": per_image * 1000,
+        "joules_per_epoch": per_image * epoch_images,
+        "mean_watts": energy["joules"] / energy["seconds"] if energy["seconds"] > 0 else None,
+    }
+
+
+def energy_line(e: dict) -> str:
+    if not e:
+        return "not recorded (a result from before energy was measured)"
+    if not e.get("measured"):
+        return f"not measured ({e.get('why', 'no GPU')})"
+    return (
+        f"{e['joules_per_1000_images']:,.1f} J per 1,000 images, {e['joules_per_epoch']:,.0f} J per epoch, "
+        f"{e['mean_watts']:,.0f} W drawn by {e.get('gpus', 1)} GPU(s) ({e['source']})"
     )
 
 
@@ -304,6 +334,7 @@ def table(result: Result, path: Path | None = None):
     ]
     if m.storage:
         rows.append(("storage", storage_line(m.storage)))
+    rows.append(("GPU energy", energy_line(m.energy)))
     resumed = (m.checkpoint or {}).get("resumed_from")
     if resumed:
         rows.append(

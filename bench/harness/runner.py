@@ -337,6 +337,7 @@ def _run(cfg, argv, device, rank, world_size, log, cores) -> Path | None:
                 )
                 outcome = train(model, train_loader, val_loader, tcfg, device, log=log, checkpoints=ckpt)
         resources = monitor.stop()  # this rank's process and its workers
+        energy = monitor.energy(outcome.windows)
         if device.type == "cuda":
             resources["torch_cuda_max_allocated_mib"] = round(
                 torch.cuda.max_memory_allocated(device) / 2**20, 1
@@ -351,6 +352,15 @@ def _run(cfg, argv, device, rank, world_size, log, cores) -> Path | None:
     skipped = len(train_loader.skipped) + (len(val_loader.skipped) if val_loader else 0)
     skipped, disk = all_reduce_values([skipped, storage["bytes_read_from_disk"]], device)  # every rank's
     skipped, storage["bytes_read_from_disk"] = int(skipped), int(disk)
+    # every rank's GPU; measured only if every rank measured it
+    joules, unmeasured = all_reduce_values([energy.get("joules", 0.0), float(not energy["measured"])], device)
+    if energy["measured"] and unmeasured:
+        energy = {
+            "measured": False,
+            "why": f"{int(unmeasured)} of {world_size} ranks could not read their GPU's energy",
+        }
+    elif energy["measured"]:
+        energy.update(joules=joules, gpus=world_size)
     if cores is not None:  # how many ranks were confined to each core: 1 everywhere = disjoint slices
         machine = os.cpu_count() or 1
         per_core = all_reduce_values([float(c in cores) for c in range(machine)], device)
@@ -393,6 +403,7 @@ def _run(cfg, argv, device, rank, world_size, log, cores) -> Path | None:
         },
     )
     res.metrics.storage = storage
+    res.metrics.energy = results.energy_fields(energy, outcome.measured_images, data["train_samples"])
     res.metrics.first_batch_seconds = outcome.first_batch_seconds
     res.metrics.start_to_first_batch_seconds = (
         None if outcome.first_batch_seconds is None else outcome.first_batch_at - _process_start()

@@ -107,6 +107,9 @@ class TrainResult:
     memory: dict | None = None  # per-rank lists of what ``memory_per_rank`` measures
     first_batch_seconds: float | None = None  # from the loop's start to its first batch (a resume's cost)
     first_batch_at: float | None = None  # wall-clock time (time.time()) of that batch
+    # the measured window as intervals of time.perf_counter() (checkpoint saves cut it): what the
+    # energy counters are read over
+    windows: list[tuple[float, float]] = field(default_factory=list)
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -265,6 +268,7 @@ def measure(
             resumed_epoch = None
         epoch_start = time.perf_counter()
         segment_start = epoch_start if local_steps >= cfg.warmup_steps else None
+        window_start = epoch_start
         it = iter(loader)
         complete = False  # the loader ran out: a whole epoch (not cut by max_steps)
         while True:
@@ -292,7 +296,7 @@ def measure(
             epoch_steps += 1
             if local_steps == cfg.warmup_steps:  # the measured window opens after warm-up
                 clock.sync()  # asynchronous work of the warm-up batches ends inside the warm-up
-                segment_start = time.perf_counter()
+                segment_start = window_start = time.perf_counter()
             elif local_steps > cfg.warmup_steps:
                 if step is not None:
                     clock.stop(begin)
@@ -314,7 +318,10 @@ def measure(
                             f"with: bench run --resume {checkpoints.folder}"
                         )
                     if segment_start is not None:
-                        segment_start += time.perf_counter() - paused
+                        resumed_at = time.perf_counter()
+                        segment_start += resumed_at - paused
+                        result.windows.append((window_start, paused))
+                        window_start = resumed_at
             if cfg.max_steps is not None and steps >= cfg.max_steps:
                 done = True
                 break
@@ -322,6 +329,7 @@ def measure(
         now = time.perf_counter()
         if segment_start is not None:  # closed before the iterator is torn down: teardown is not loading
             measured_seconds += now - segment_start
+            result.windows.append((window_start, now))
         del it  # end this epoch's iterator (and its workers, unless persistent) before evaluating
         record = EpochRecord(epoch, None, now - epoch_start)
         if counts is not None and complete:  # an epoch cut short by max_steps covers part of the data
