@@ -58,6 +58,13 @@ class Options:
     reader: str = (
         "file"  # file: the ImageFolder's JPEGs | wds: the wds backend's tar shards (fn.readers.webdataset)
     )
+    # nvJPEG's buffers, GPU decode only (NVIDIA's ResNet-50 example: 211025920 and 140544512 bytes, and
+    # hints of 5980 x 6430 for ImageNet's largest image): grown once instead of reallocated per batch
+    device_memory_padding: int = 0
+    host_memory_padding: int = 0
+    preallocate_width_hint: int = 0
+    preallocate_height_hint: int = 0
+    antialias: bool = True  # False: resize without antialiasing (faster; an augmentation change)
 
 
 class DaliBackend(Backend):
@@ -84,6 +91,18 @@ class DaliBackend(Backend):
             raise LoaderError(f"dali hw_decoder_load must be within 0..1, got {opts.hw_decoder_load}")
         if opts.prefetch_queue_depth < 1:
             raise LoaderError(f"dali prefetch_queue_depth must be >= 1, got {opts.prefetch_queue_depth}")
+        gpu_only = [
+            n
+            for n in ("device_memory_padding", "host_memory_padding", "preallocate_width_hint", "preallocate_height_hint")
+            if getattr(opts, n)
+        ]
+        if any(getattr(opts, n) < 0 for n in gpu_only):
+            raise LoaderError(f"dali {gpu_only[0]} must be >= 0 (bytes or pixels), got {getattr(opts, gpu_only[0])}")
+        if gpu_only and not (cfg.device.type == "cuda" and opts.decode in ("auto", "gpu")):
+            raise LoaderError(
+                f"dali {', '.join(gpu_only)} size nvJPEG's buffers for GPU decode (decode='gpu' or 'auto' on "
+                f"CUDA); this run decodes on the CPU ({cfg.device}, decode={opts.decode!r}): drop them"
+            )
         if opts.reader not in READERS:
             raise LoaderError(f"dali option reader must be one of {', '.join(READERS)}, got {opts.reader!r}")
         if cfg.data is None:
@@ -145,9 +164,11 @@ def _pipeline(cfg: LoaderConfig, opts: Options, reader: dict, seed: int, gpu_dec
             )
         else:
             jpegs, label = fn.readers.file(random_shuffle=False, pad_last_batch=True, name="Reader", **reader)
-        decoder = (
-            dict(device="mixed", hw_decoder_load=opts.hw_decoder_load) if gpu_decode else dict(device="cpu")
-        )
+        decoder = dict(device="mixed", hw_decoder_load=opts.hw_decoder_load) if gpu_decode else dict(device="cpu")
+        if gpu_decode:  # 0: DALI's defaults
+            for name in ("device_memory_padding", "host_memory_padding", "preallocate_width_hint", "preallocate_height_hint"):
+                if getattr(opts, name):
+                    decoder[name] = getattr(opts, name)
         if cfg.train:
             images = fn.decoders.image_random_crop(
                 jpegs,
@@ -156,11 +177,11 @@ def _pipeline(cfg: LoaderConfig, opts: Options, reader: dict, seed: int, gpu_dec
                 random_aspect_ratio=[3 / 4, 4 / 3],
                 **decoder,
             )
-            images = fn.resize(images, resize_x=size, resize_y=size, antialias=True)
+            images = fn.resize(images, resize_x=size, resize_y=size, antialias=opts.antialias)
             mirror = fn.random.coin_flip(probability=0.5)
         else:  # torchvision's eval: shorter side to size / 0.875, then a centre crop
             images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
-            images = fn.resize(images, resize_shorter=round(size / 0.875), antialias=True)
+            images = fn.resize(images, resize_shorter=round(size / 0.875), antialias=opts.antialias)
             mirror = 0
         if cuda and not gpu_decode:
             images = images.gpu()  # "dali-cpu": CPU decode + crop, normalise on the GPU

@@ -97,3 +97,29 @@ def test_cuda_fp16_channels_last(small_data):
     images, labels = next(iter(loader))
     assert images.is_cuda and labels.is_cuda and images.dtype == torch.float16 and labels.dtype == torch.int64
     assert images.shape == (8, 3, 64, 64) and images.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_nvjpeg_buffer_options_are_refused_where_nothing_decodes_on_the_gpu(small_data):
+    """The paddings and preallocation hints NVIDIA's ResNet-50 example gives nvJPEG mean nothing to
+    a CPU decode: refused naming them, not silently ignored."""
+    for name in ("device_memory_padding", "host_memory_padding", "preallocate_width_hint", "preallocate_height_hint"):
+        with pytest.raises(LoaderError, match=f"dali {name} size nvJPEG's buffers for GPU decode"):
+            build_loader("dali", small_data / "train", batch_size=4, device="cpu", **{name: 1024})
+    with pytest.raises(LoaderError, match="device_memory_padding must be >= 0"):
+        build_loader("dali", small_data / "train", batch_size=4, device="cpu", device_memory_padding=-1)
+
+
+def test_resize_without_antialiasing_is_an_option_and_changes_the_pixels(small_data):
+    def first(**kw):
+        loader = build_loader(
+            "dali", small_data / "val", train=False, batch_size=4, image_size=32, device="cpu", num_threads=1, **kw
+        )
+        try:
+            return next(iter(loader))[0]
+        finally:
+            loader.close()
+
+    smooth, sharp = first(), first(antialias=False)
+    assert smooth.shape == sharp.shape == (4, 3, 32, 32)
+    assert not torch.equal(smooth, sharp)  # evaluation: the same centre crops, another filter
+    assert (smooth - sharp).abs().mean() < 0.5  # the same images all the same
