@@ -93,11 +93,18 @@ class DaliBackend(Backend):
             raise LoaderError(f"dali prefetch_queue_depth must be >= 1, got {opts.prefetch_queue_depth}")
         gpu_only = [
             n
-            for n in ("device_memory_padding", "host_memory_padding", "preallocate_width_hint", "preallocate_height_hint")
+            for n in (
+                "device_memory_padding",
+                "host_memory_padding",
+                "preallocate_width_hint",
+                "preallocate_height_hint",
+            )
             if getattr(opts, n)
         ]
         if any(getattr(opts, n) < 0 for n in gpu_only):
-            raise LoaderError(f"dali {gpu_only[0]} must be >= 0 (bytes or pixels), got {getattr(opts, gpu_only[0])}")
+            raise LoaderError(
+                f"dali {gpu_only[0]} must be >= 0 (bytes or pixels), got {getattr(opts, gpu_only[0])}"
+            )
         if gpu_only and not (cfg.device.type == "cuda" and opts.decode in ("auto", "gpu")):
             raise LoaderError(
                 f"dali {', '.join(gpu_only)} size nvJPEG's buffers for GPU decode (decode='gpu' or 'auto' on "
@@ -164,9 +171,16 @@ def _pipeline(cfg: LoaderConfig, opts: Options, reader: dict, seed: int, gpu_dec
             )
         else:
             jpegs, label = fn.readers.file(random_shuffle=False, pad_last_batch=True, name="Reader", **reader)
-        decoder = dict(device="mixed", hw_decoder_load=opts.hw_decoder_load) if gpu_decode else dict(device="cpu")
+        decoder = (
+            dict(device="mixed", hw_decoder_load=opts.hw_decoder_load) if gpu_decode else dict(device="cpu")
+        )
         if gpu_decode:  # 0: DALI's defaults
-            for name in ("device_memory_padding", "host_memory_padding", "preallocate_width_hint", "preallocate_height_hint"):
+            for name in (
+                "device_memory_padding",
+                "host_memory_padding",
+                "preallocate_width_hint",
+                "preallocate_height_hint",
+            ):
                 if getattr(opts, name):
                     decoder[name] = getattr(opts, name)
         if cfg.train:

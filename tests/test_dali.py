@@ -102,7 +102,12 @@ def test_cuda_fp16_channels_last(small_data):
 def test_nvjpeg_buffer_options_are_refused_where_nothing_decodes_on_the_gpu(small_data):
     """The paddings and preallocation hints NVIDIA's ResNet-50 example gives nvJPEG mean nothing to
     a CPU decode: refused naming them, not silently ignored."""
-    for name in ("device_memory_padding", "host_memory_padding", "preallocate_width_hint", "preallocate_height_hint"):
+    for name in (
+        "device_memory_padding",
+        "host_memory_padding",
+        "preallocate_width_hint",
+        "preallocate_height_hint",
+    ):
         with pytest.raises(LoaderError, match=f"dali {name} size nvJPEG's buffers for GPU decode"):
             build_loader("dali", small_data / "train", batch_size=4, device="cpu", **{name: 1024})
     with pytest.raises(LoaderError, match="device_memory_padding must be >= 0"):
@@ -112,7 +117,14 @@ def test_nvjpeg_buffer_options_are_refused_where_nothing_decodes_on_the_gpu(smal
 def test_resize_without_antialiasing_is_an_option_and_changes_the_pixels(small_data):
     def first(**kw):
         loader = build_loader(
-            "dali", small_data / "val", train=False, batch_size=4, image_size=32, device="cpu", num_threads=1, **kw
+            "dali",
+            small_data / "val",
+            train=False,
+            batch_size=4,
+            image_size=32,
+            device="cpu",
+            num_threads=1,
+            **kw,
         )
         try:
             return next(iter(loader))[0]

@@ -114,3 +114,39 @@ def test_the_loop_reports_its_measured_window_as_intervals():
     assert len(out.windows) == 2  # one per epoch: time between epochs is not measured
     assert all(a < b for a, b in out.windows) and out.windows[0][1] <= out.windows[1][0]
     assert sum(b - a for a, b in out.windows) == pytest.approx(out.measured_seconds, rel=1e-6)
+
+
+def test_profiled_steps_are_summarised_into_the_result():
+    import torch
+
+    from bench.trainer import TrainConfig, measure
+    from bench.trainer.profile import line, summarise
+    from loaders import build_loader
+
+    loader = build_loader(
+        "synthetic", None, batch_size=4, image_size=16, device="cpu", num_samples=64, num_classes=4
+    )
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4))
+
+    def step(images, labels):
+        return torch.nn.functional.cross_entropy(model(images), labels).detach()
+
+    cfg = TrainConfig(epochs=1, warmup_steps=2, profile_steps=3)
+    out = measure(loader, cfg, torch.device("cpu"), step=step, log=lambda *a: None)
+    p = out.profile
+    assert p["steps"] == 3 and not p["cuda"] and p["kernel_ms_per_step_by_stream"] == {}
+    assert any(o["name"] == "aten::linear" for o in p["top_cpu_ops"])
+    assert "3 steps on the CPU" in line(p)
+    # the CUDA side, from events as kineto reports them: two streams, allocations and waits per step
+    events = [
+        {"name": "gemm", "device": "cuda", "stream": 7, "us": 3000.0},
+        {"name": "nvjpeg_decode", "device": "cuda", "stream": 13, "us": 1000.0},
+        {"name": "cudaMalloc", "device": "cpu", "stream": None, "us": 50.0},
+        {"name": "cudaStreamSynchronize", "device": "cpu", "stream": None, "us": 400.0},
+    ]
+    s = summarise(events * 2, steps=2, cuda=True)
+    assert s["kernel_ms_per_step_by_stream"] == {"7": 3.0, "13": 1.0}
+    assert s["allocation_calls_per_step"] == {"cudaMalloc": 1.0}
+    assert s["synchronisation_calls_per_step"] == {"cudaStreamSynchronize": 1.0}
+    assert s["synchronisation_ms_per_step"] == pytest.approx(0.4)
+    assert "stream 13: 1.0 ms" in line(s)

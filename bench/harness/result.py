@@ -56,6 +56,7 @@ class Metrics:
     start_to_first_batch_seconds: float | None = None  # the process's start to it (a restart's cost)
     checkpoint: dict | None = None  # saves, their cost, where it resumed from (bench run --checkpoint)
     energy: dict = field(default_factory=dict)  # GPU joules over the measured window (energy_fields)
+    profile: dict | None = None  # torch.profiler summary of --profile-steps steps (trainer/profile.py)
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as they were
 
     @classmethod
@@ -335,6 +336,10 @@ def table(result: Result, path: Path | None = None):
     if m.storage:
         rows.append(("storage", storage_line(m.storage)))
     rows.append(("GPU energy", energy_line(m.energy)))
+    if m.profile:
+        from ..trainer.profile import line
+
+        rows.append(("profiled (images/s includes it)", line(m.profile)))
     resumed = (m.checkpoint or {}).get("resumed_from")
     if resumed:
         rows.append(

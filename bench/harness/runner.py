@@ -87,6 +87,8 @@ def check(cfg: RunSpec) -> None:
         )
     if (cfg.shard_optimizer or cfg.fsdp) and cfg.loader_only:
         raise UsageError("--loader-only trains no model: drop --shard-optimizer / --fsdp")
+    if cfg.profile_steps < 0 or (cfg.profile_steps and cfg.warmup_steps < 1):
+        raise UsageError("--profile-steps N (N >= 0) profiles after warm-up: it needs --warmup-steps >= 1")
     if cfg.checkpoint_every < 0:
         raise UsageError(f"--checkpoint-every must be >= 0, got {cfg.checkpoint_every}")
     if cfg.checkpoint_every and not cfg.checkpoint:
@@ -301,6 +303,7 @@ def _run(cfg, argv, device, rank, world_size, log, cores) -> Path | None:
             channels_last=cfg.channels_last,
             compile=cfg.compile,
             warmup_steps=cfg.warmup_steps,
+            profile_steps=cfg.profile_steps,
             patience=cfg.patience,
             eval_inference_mode=cfg.eval_inference_mode,
             num_classes=len(train_loader.classes),
@@ -403,6 +406,7 @@ def _run(cfg, argv, device, rank, world_size, log, cores) -> Path | None:
         },
     )
     res.metrics.storage = storage
+    res.metrics.profile = outcome.profile
     res.metrics.energy = results.energy_fields(energy, outcome.measured_images, data["train_samples"])
     res.metrics.first_batch_seconds = outcome.first_batch_seconds
     res.metrics.start_to_first_batch_seconds = (

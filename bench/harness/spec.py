@@ -37,6 +37,7 @@ class RunSpec:
     seed: int = 0
     warmup_steps: int = 5
     patience: int = 0
+    profile_steps: int = 0  # > 0: torch.profiler over this many steps after warm-up (bench.trainer.profile)
     device: str = "auto"  # auto | cpu | cuda
     gpus: int = 1
     cpu_ranks: int = 0
@@ -203,6 +204,14 @@ FLAGS: dict[str, tuple[str, dict]] = {
     "seed": ("--seed", dict(type=int)),
     "warmup_steps": ("--warmup-steps", dict(type=int, help="steps excluded from throughput (default 5)")),
     "patience": ("--patience", dict(type=int, help="early stopping on val loss after N bad epochs; 0 = off")),
+    "profile_steps": (
+        "--profile-steps",
+        dict(
+            type=int,
+            help="profile N steps after warm-up with torch.profiler: kernel time per stream, allocation and "
+            "synchronisation calls in the result (its images/s then includes the profiler's cost)",
+        ),
+    ),
     "device": ("--device", dict(choices=("auto", "cpu", "cuda"))),
     "gpus": ("--gpus", dict(type=int, help="N > 1: N ranks through torchrun, one per GPU")),
     "cpu_ranks": ("--cpu-ranks", dict(type=int, help="N CPU ranks with gloo (DDP without a GPU)")),

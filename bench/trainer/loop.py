@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import BenchError, Preempted
+from . import profile
 
 
 class TrainError(BenchError):
@@ -41,6 +42,7 @@ class TrainConfig:
     eval_inference_mode: bool = True  # False: evaluate with autograd on (the naive baseline)
     num_classes: int = 0  # > 0: count each epoch's labels over all ranks (EpochRecord's coverage)
     shard: str = "off"  # off (DDP) | optimizer (ZeRO-1: optimizer state sharded) | fsdp (FSDP2 fully_shard)
+    profile_steps: int = 0  # > 0: torch.profiler over this many steps after warm-up (profile.py)
 
 
 @dataclass
@@ -110,6 +112,7 @@ class TrainResult:
     # the measured window as intervals of time.perf_counter() (checkpoint saves cut it): what the
     # energy counters are read over
     windows: list[tuple[float, float]] = field(default_factory=list)
+    profile: dict | None = None  # profile.summarise of the profiled steps (TrainConfig.profile_steps)
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -253,6 +256,7 @@ def measure(
             + ("" if seen is None else f" after {seen} of its samples")
             + f", written by {restored['world_size']} rank(s)"
         )
+    profiler = None
     loop_start = time.perf_counter()
     for epoch in range(first_epoch, cfg.epochs):
         if hasattr(loader, "set_epoch"):
@@ -296,7 +300,12 @@ def measure(
             epoch_steps += 1
             if local_steps == cfg.warmup_steps:  # the measured window opens after warm-up
                 clock.sync()  # asynchronous work of the warm-up batches ends inside the warm-up
+                if cfg.profile_steps:
+                    profiler = profile.start(device)
                 segment_start = window_start = time.perf_counter()
+            if profiler is not None and local_steps == cfg.warmup_steps + cfg.profile_steps:
+                result.profile = profile.finish(profiler, device, cfg.profile_steps)
+                profiler = None
             elif local_steps > cfg.warmup_steps:
                 if step is not None:
                     clock.stop(begin)
@@ -352,6 +361,8 @@ def measure(
                 log(f"epoch {epoch}: train loss {record.train_loss:.4f}  {record.train_seconds:.1f}s{val}")
         if done:
             break
+    if profiler is not None:  # the run ended before the profiled steps did
+        result.profile = profile.finish(profiler, device, local_steps - cfg.warmup_steps)
     total_images = all_reduce_values([measured_images], device)[0]
     max_seconds = all_reduce_values(
         [measured_seconds], device, op=dist.ReduceOp.MAX if world_size > 1 else None
