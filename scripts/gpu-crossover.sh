@@ -14,7 +14,7 @@ DATA=${DATA:-/tmp/big}
 [ -d "$DATA" ] || python3 -m bench.cli data synth --out "$DATA" --train-per-class 1000 --val-per-class 100
 SHAPE="--model $MODEL --batch-size 128 --amp bf16 --channels-last --steps 40 --no-eval"
 declare -A TUNED=([torch]="--pin-memory --persistent-workers --prefetch-factor 4 --device-normalize"
-                  [wds]="--pin-memory --persistent-workers --prefetch-factor 4 --device-normalize")  # the ladder's stack
+                  [wds]="--pin-memory --prefetch-factor 4 --device-normalize")  # the ladder's stack (wds: no persistent workers)
 have() {  # results already in OUTDIR/runs for this label
   grep -l "\"label\": \"$1\"" "$OUTDIR"/runs/*.json 2>/dev/null | wc -l
 }
