@@ -13,7 +13,7 @@ case "${1:-}" in
     set -e
     grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
     bash ../shared/gpu/ffcv-wheel.sh >/dev/null  # FFCV for Python 3.12, OpenCV linked in (into .gpu/ffcv)
-    rm -rf .gpu/evidence && mkdir -p .gpu/evidence && cp .gpu/ffcv/*.whl .gpu/evidence/
+    rm -rf .gpu/evidence && mkdir -p .gpu/evidence && cp .gpu/ffcv/ffcv-*.whl .gpu/evidence/  # not its tqdm: the machine has one
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any \
       -d .gpu/evidence webdataset==1.0.2 braceexpand==0.1.7

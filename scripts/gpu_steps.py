@@ -319,7 +319,12 @@ def main(argv: list[str] | None = None) -> int:
             "--val-per-class",
             str(sizes["val_per_class"]),
         ]
-        subprocess.run(gen, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        made = subprocess.run(gen, cwd=REPO, capture_output=True, text=True)
+        if made.returncode != 0:
+            status["set-up"] = {"status": "FAILED generating the data: " + made.stderr.strip()[-500:]}
+            say(status["set-up"]["status"])
+            pack(a.plan, out, work, steps, status, a.rehearse)
+            return 1
     done = results_of(work)
     for s in steps:
         if s.label in done and status.get(s.label, {}).get("status") in ("ok", "rehearsed"):
@@ -377,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.rehearse and total > BUDGET_S:
         say(f"REHEARSAL PROBLEM: the steps are expected to take {total:.0f} s, over {BUDGET_S} s")
         return 1
-    return 1 if problems or (a.rehearse and failed) else 0
+    return 1 if problems or failed else 0
 
 
 if __name__ == "__main__":
