@@ -169,6 +169,31 @@ def tiny(argv: list[str]) -> list[str]:
     return [*out, "--image-size", "32"]
 
 
+def run_in_rehearsal(steps: list[Step]) -> set[str]:
+    """The steps a rehearsal runs: the first of each command shape that needs no CUDA. The same
+    loader and options at another model, worker or core count are parsed and checked, not run
+    again (the suite's time)."""
+    shapes, labels = set(), set()
+    for s in steps:
+        shape = tuple(_without(s.argv, ("--model", "--workers", "--batch-size")))
+        if not s.cuda_only and shape not in shapes:
+            labels.add(s.label)
+        shapes.add(shape)
+    return labels
+
+
+def _without(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in flags:
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
 def stand_in(argv: list[str]) -> str:
     """What a CPU can check of a CUDA-only step: its command line parses, its options exist and
     take their values, and the run's own checks pass apart from CUDA's presence."""
@@ -326,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             pack(a.plan, out, work, steps, status, a.rehearse)
             return 1
     done = results_of(work)
+    rehearsed = run_in_rehearsal(steps)
     for s in steps:
         if s.label in done and status.get(s.label, {}).get("status") in ("ok", "rehearsed"):
             say(f"{s.label}: kept from {resume.name}")
@@ -348,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         argv += ["--data", str(data), "--steps", str(sizes["steps"]), "--warmup-steps", str(sizes["warmup"])]
         argv += ["--no-eval", "--label", s.label, "--out", str(work / "runs")]
         t0 = time.monotonic()
-        if a.rehearse and s.cuda_only:
+        if a.rehearse and s.label not in rehearsed:
             try:
                 status[s.label] = {"status": "rehearsed", "how": stand_in(argv), "seconds": 0.0}
             except Exception as exc:  # a typo in a flag or an option: found here, not on the GPU
