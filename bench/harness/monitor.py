@@ -142,8 +142,8 @@ class ResourceMonitor:
         if self._thread is not None:
             self._thread.join(timeout=5)
             last, self._last = getattr(self, "_last", None), None  # once: stop() is called again in `finally`
-            if self._nvml is not None and last is not None:
-                self._sample_energy()  # and one after it has closed
+            if self._nvml is not None and last is not None and not self._thread.is_alive():
+                self._sample_energy()  # and one after it has closed (in time order: the thread has ended)
             if last is not None and not self._thread.is_alive() and time.perf_counter() - last[0] > 0.05:
                 try:  # the part interval since the last sample: a run shorter than one interval has one
                     self._sample(last)
