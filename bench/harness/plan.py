@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from loaders import backends, build_loader
+from loaders import LoaderError, backends, build_loader, get_backend
 from loaders.pagecache import evict, files_under
 from loaders.stored import write_json
 
@@ -394,14 +394,10 @@ def variant_of(r) -> str:
     """A result's loader, with its decode placement where it is not the backend's default."""
     name, decode = r.config["loader"], r.options.get("decode")
     try:
-        default = getattr(backends_by_name()[name].Options(), "decode", None)
-    except KeyError:
+        default = getattr(get_backend(name, installed=False).Options(), "decode", None)
+    except LoaderError:  # a backend this installation does not know
         default = None
     return name if decode in (None, default) else f"{name} decode={decode}"
-
-
-def backends_by_name() -> dict:
-    return {b.name: b for b in backends()}
 
 
 def draw(doc: dict, m: Measured, t: Target, path: Path, points: list[dict]) -> Path:
