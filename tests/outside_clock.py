@@ -53,3 +53,47 @@ class Stamped:
                 seconds += end - start
             seen += n
         return images / seconds
+
+
+class BackToBack:
+    """A loader seen by the clock of a plain training loop that runs epochs back to back
+    (``set_epoch``, ``for batch in loader``): one window from the ask for the first batch after
+    ``warmup`` batches to the arrival of the last batch, so every epoch boundary inside it (the
+    iterator's end and teardown, ``set_epoch``, the next iterator's start) is paid as the loop pays it.
+    The iterator is an object, not a generator, so that the wrapped one is torn down exactly where the
+    consumer drops it."""
+
+    def __init__(self, loader, warmup: int):
+        self.loader, self.warmup = loader, warmup
+        self.batches, self.images, self.start, self.end = 0, 0, None, None
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        return _Asking(self, iter(self.loader))
+
+    def images_per_second(self) -> float:
+        return self.images / (self.end - self.start)
+
+
+class _Asking:
+    def __init__(self, clock: BackToBack, it):
+        self.clock, self.it = clock, it
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        c = self.clock
+        if c.batches == c.warmup and c.start is None:
+            c.start = time.perf_counter()
+        images, labels = next(self.it)
+        if c.start is not None:
+            c.images += labels.shape[0]
+            c.end = time.perf_counter()
+        c.batches += 1
+        return images, labels

@@ -228,8 +228,9 @@ def measure(
     """The one measured loop. Epochs of ``loader``; per batch ``step(images, labels)`` (None: loader
     only, no model) and after each epoch ``end_epoch(record)``, which may fill in evaluation and
     return True to stop. Throughput: images after ``warmup_steps`` batches / the wall time of the
-    batches themselves, summed over ranks; time between epochs (evaluation, the next epoch's
-    iterator start is not: it belongs to the loader) is left out.
+    batches themselves, summed over ranks. Between epochs the loader's part is counted as a loop
+    that runs epochs back to back pays it (the iterator's teardown when another epoch follows,
+    set_epoch, the next iterator's start); the trainer's part (evaluation, bookkeeping) is not.
 
     ``checkpoints`` (checkpoint.Checkpoints): saved at step boundaries with ``objects`` (model,
     optimizer, scaler) and the loader's ``state_dict()``; a restored one puts the loop back at its
@@ -259,6 +260,7 @@ def measure(
     profiler = None
     loop_start = time.perf_counter()
     for epoch in range(first_epoch, cfg.epochs):
+        epoch_start = time.perf_counter()  # set_epoch is the loader's: a loop pays it before the batch
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         loss_sum = torch.zeros((), device=device)
@@ -270,7 +272,6 @@ def measure(
             if counts is not None and resumed_epoch["counts"] is not None and rank == 0:  # all ranks' sum
                 counts += torch.tensor(resumed_epoch["counts"], dtype=torch.int64, device=device)
             resumed_epoch = None
-        epoch_start = time.perf_counter()
         segment_start = epoch_start if local_steps >= cfg.warmup_steps else None
         window_start = epoch_start
         it = iter(loader)
@@ -336,10 +337,11 @@ def measure(
                 break
         clock.sync()  # a batch counts once its work on the device has finished
         now = time.perf_counter()
-        if segment_start is not None:  # closed before the iterator is torn down: teardown is not loading
+        if segment_start is not None:  # closed before the teardown: the last epoch's is not paid by a loop
             measured_seconds += now - segment_start
             result.windows.append((window_start, now))
         del it  # end this epoch's iterator (and its workers, unless persistent) before evaluating
+        teardown = (now, time.perf_counter())
         record = EpochRecord(epoch, None, now - epoch_start)
         if counts is not None and complete:  # an epoch cut short by max_steps covers part of the data
             record.train_coverage = coverage(counts, device)
@@ -361,6 +363,9 @@ def measure(
                 log(f"epoch {epoch}: train loss {record.train_loss:.4f}  {record.train_seconds:.1f}s{val}")
         if done:
             break
+        if segment_start is not None and epoch + 1 < cfg.epochs:  # a loop pays it before its next batch
+            measured_seconds += teardown[1] - teardown[0]
+            result.windows.append(teardown)
     if profiler is not None:  # the run ended before the profiled steps did
         result.profile = profile.finish(profiler, device, local_steps - cfg.warmup_steps)
     total_images = all_reduce_values([measured_images], device)[0]
