@@ -19,7 +19,7 @@ from loaders import launch
 from loaders.contract import LoaderError
 
 from .errors import BenchError, Preempted, UsageError
-from .harness.spec import RunSpec, add_flags
+from .harness.spec import COMMAND_FIELDS, STORAGE_FIELDS, RunSpec, add_flags
 
 
 def _default_data(spec: RunSpec) -> RunSpec:
@@ -48,6 +48,9 @@ def _run_parser(sub) -> None:
         help="continue the run whose checkpoints are in DIR, with its settings (flags given here "
         "override them, e.g. --cpu-ranks N to resume on another number of ranks)",
     )
+    p.add_argument(
+        "--quiet", action="store_true", help="no verdict after the table (the result records it anyway)"
+    )
 
 
 def cmd_run(args, argv: list[str]) -> int:
@@ -64,7 +67,7 @@ def cmd_run(args, argv: list[str]) -> int:
         train_dir, val_dir = runner.resolve_data(spec)
         runner.prepare(spec, train_dir, val_dir if spec.eval and not spec.loader_only else None)
         return runner.relaunch(spec, argv, train_dir.parent)
-    runner.run(spec, argv)
+    runner.run(spec, argv, quiet=args.quiet)
     return 0
 
 
@@ -210,31 +213,25 @@ def cmd_backends(args) -> int:
 
 # -- the harness ---------------------------------------------------------------------------------
 
-STORAGE_FIELDS = ("storage", "s3_endpoint", "s3_bucket", "s3_latency_ms", "s3_mbps")  # every harness command
-EVERY_HARNESS = STORAGE_FIELDS + ("cpus",)
-
-# name: (help, description, the run-spec fields it varies from, default --out)
+# name: (help, description, default --out); the run-spec fields each varies from: COMMAND_FIELDS
 HARNESS = {
     "sweep": (
         "the techniques ladder: each technique's end-to-end speedup",
         "Switch training-acceleration techniques on one at a time from a naive baseline; every step several "
         "`bench run` trials. Writes sweep.json + results to a new --out folder and renders them with "
         "`bench report`.",
-        ("data", "model", "batch_size", "image_size", "steps", "warmup_steps", "seed"),
         "reports/sweep-<time>",
     ),
     "doctor": (
         "input-bound or compute-bound? what to try first, with the numbers",
         "Probe the synthetic ceiling, the loader alone and the two together; say which limits training "
         "and what to try first.",
-        ("loader", "model", "data", "batch_size", "image_size", "steps", "amp", "channels_last"),
         "reports/doctor-<time>",
     ),
     "tune": (
         "find the fastest worker / thread / prefetch settings for a backend",
         "Measure a backend over its worker (or thread) counts, then its prefetch depth at the best count; "
         "print the winner as -o options.",
-        ("loader", "data", "model", "batch_size", "image_size", "steps"),
         "reports/tune-<loader>-<time>",
     ),
 }
@@ -252,9 +249,9 @@ def _harness_parsers(sub) -> None:
     from .harness.sweep import Settings, techniques
 
     p = {}
-    for name, (help_, description, fields, out) in HARNESS.items():
+    for name, (help_, description, out) in HARNESS.items():
         p[name] = sub.add_parser(name, help=help_, description=description)
-        add_flags(p[name], fields=fields + EVERY_HARNESS, knobs=False, options=name == "doctor", steps=30)
+        add_flags(p[name], fields=COMMAND_FIELDS[name], knobs=False, options=name == "doctor", steps=30)
         p[name].add_argument("--out", help=f"folder for the results (default {out})")
         flag, default, what = WORKERS[name]
         p[name].add_argument(flag, type=int, default=default, help=what)
@@ -372,7 +369,7 @@ def _plan_parser(sub) -> None:
     )
     add_flags(
         p,
-        fields=("data", "model", "batch_size", "image_size", "amp", "channels_last", "storage", "seed"),
+        fields=COMMAND_FIELDS["plan"],
         knobs=False,
         options=False,
     )

@@ -55,6 +55,20 @@ def test_run_writes_a_result_of_record(small_data, tmp_path, loader, extra):
     assert res.data["storage"]["source"] == "generated" and res.data["storage"]["jpeg_quality"] == 90
     assert res.environment["libraries"]["torch"] and res.environment["cpu_count"]
     assert "images/s" in out.stdout and "step time median [p10, p90]" in out.stdout
+    v = m.verdict  # recorded, and printed as the last two lines, the next command with this run's settings
+    assert v["kind"] == ("ceiling" if loader == "synthetic" else v["kind"]) and v["next"].startswith("bench ")
+    assert out.stdout.rstrip().splitlines()[-2] == v["text"]
+    assert out.stdout.rstrip().splitlines()[-1].startswith(f"next: {v['next']}")
+    assert f"--data {small_data}" in v["next"] and "--batch-size 16" in v["next"]
+
+
+def test_quiet_run_records_the_verdict_and_prints_none(small_data, tmp_path):
+    out = bench(
+        "run", "--data", str(small_data), *ARGS, "--quiet", "--out", str(tmp_path / "r"), cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert one_result(tmp_path / "r").metrics.verdict["text"].startswith("verdict: ")
+    assert "verdict" not in out.stdout and "next:" not in out.stdout
 
 
 def test_results_are_never_overwritten(small_data, tmp_path):

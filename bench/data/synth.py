@@ -181,8 +181,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("LOADERBENCH_CACHE", Path.home() / ".cache" / "loaderbench"))
 
 
+def default_dataset_path(spec: SynthSpec = SynthSpec()) -> Path:
+    return cache_root() / f"synth-{spec.key()}"
+
+
 def default_dataset(spec: SynthSpec = SynthSpec(), progress: bool = True) -> Path:
     """The generated dataset for ``spec`` in the cache, generated on first use."""
-    out = cache_root() / f"synth-{spec.key()}"
+    out = default_dataset_path(spec)
     generate(out, spec, progress=progress)
     return out

@@ -8,6 +8,7 @@ alone for every other installed backend, so the advice names the numbers behind 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from loaders.stored import write_json
 
 from ..errors import BenchError
 from .launch import run_trial
-from .spec import RunSpec
+from .spec import COMMAND_FIELDS, FLAGS, RunSpec
 
 INPUT_BOUND = 0.9  # the loader alone below 90% of the model's own rate: the model waits for data
 
@@ -95,6 +96,101 @@ def verdict(
             + ("cores (decode and training share the CPU)" if not cuda else "CPU cores or PCIe bandwidth")
         )
     return "\n".join(lines), tries
+
+
+def next_command(command: str, spec: RunSpec, default_data: str | None = None) -> str:
+    """`bench COMMAND` with the settings of ``spec`` that it takes and that differ from the defaults
+    (the generated default set is left implicit)."""
+    fields = COMMAND_FIELDS[command]
+    if default_data is not None and spec.data == default_data:
+        spec = dataclasses.replace(spec, data=None)
+    argv = dataclasses.replace(spec, options=type(spec.options)()).to_argv()
+    kept, i = [], 0
+    flags = {FLAGS[f][0] for f in fields}
+    while i < len(argv):
+        flag = argv[i]
+        takes_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+        if flag in flags:
+            kept += argv[i : i + 1 + takes_value]
+        i += 1 + takes_value
+    if "loader" in fields and "--loader" not in kept:
+        kept = ["--loader", spec.loader, *kept]
+    return " ".join(["bench", command, *kept])
+
+
+def run_verdict(spec: RunSpec, metrics, cuda: bool, cores: int, default_data: str | None = None) -> dict:
+    """What one `bench run` can say about its own bottleneck, from the figures doctor reads: the
+    data-wait share of the end-to-end steps stands in for the loader-only probe (a run that waited
+    share w of its time would reach ips / (1 - w) if the input cost nothing: the synthetic ceiling,
+    estimated). {kind, text, next, why}; kind "none" when the run cannot tell."""
+    ips, wait = metrics.images_per_second, metrics.data_wait_share
+    backend = get_backend(spec.loader, installed=False)
+    doctor = next_command("doctor", spec, default_data)
+    if not metrics.measured_images or wait is None or math.isnan(ips):
+        return {
+            "kind": "none",
+            "text": "no verdict: no step was measured after the warm-up (raise --steps above --warmup-steps)",
+            "next": None,
+            "why": None,
+        }
+    if backend.is_ceiling:
+        return {
+            "kind": "ceiling",
+            "text": f"verdict: none needed: {ips:,.1f} img/s is the synthetic ceiling, the most this model "
+            "takes here with no input cost",
+            "next": next_command("doctor", spec.with_loader("torch"), default_data),
+            "why": "a real loader against this ceiling",
+        }
+    if spec.loader_only:
+        return {
+            "kind": "none",
+            "text": f"no verdict: {spec.loader} alone delivers {ips:,.1f} img/s; with no model, this run cannot "
+            "tell whether training would wait for it",
+            "next": doctor,
+            "why": "the model's ceiling, the loader alone and the two together",
+        }
+    ceiling = ips / (1 - wait) if wait < 1 else math.inf
+    knob = backend.knobs.get("workers")
+    workers = getattr(spec.options, knob) if knob else None
+    if wait > 1 - INPUT_BOUND:
+        if workers is not None and workers < cores:
+            nxt, why = next_command("tune", spec, default_data), f"{knob}={workers} on {cores} cores"
+        elif cuda:
+            nxt, why = (
+                next_command("plan", spec, default_data),
+                "which backend feeds this GPU from these cores",
+            )
+        else:
+            nxt, why = doctor, "the other backends on this machine"
+        return {
+            "kind": "input-bound",
+            "text": f"verdict: INPUT-BOUND: {wait:.0%} of each step waits for data; without the wait about "
+            f"{ceiling:,.1f} img/s ({ceiling / ips:.1f}x, estimated: the synthetic ceiling measures it)",
+            "next": nxt,
+            "why": why,
+            "ceiling_estimate": ceiling,
+        }
+    if not cuda and workers:
+        return {
+            "kind": "unclear",
+            "text": f"verdict: UNCLEAR: {wait:.0%} of each step waits for data, but the {workers} worker(s) "
+            "decode on the CPU cores the model trains on, so the wait hides what the loader costs",
+            "next": doctor,
+            "why": "the loader alone and the model alone",
+            "ceiling_estimate": ceiling,
+        }
+    return {
+        "kind": "compute-bound",
+        "text": f"verdict: COMPUTE-BOUND: {wait:.0%} of each step waits for data; a faster loader buys at "
+        f"most {1 / (1 - wait):.2f}x",
+        "next": next_command("sweep", spec, default_data),
+        "why": "what AMP, channels_last, compile and more ranks buy",
+        "ceiling_estimate": ceiling,
+    }
+
+
+def verdict_lines(v: dict) -> str:
+    return v["text"] + (f"\nnext: {v['next']}   ({v['why']})" if v.get("next") else "")
 
 
 def storage_verdict(

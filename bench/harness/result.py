@@ -56,6 +56,7 @@ class Metrics:
     start_to_first_batch_seconds: float | None = None  # the process's start to it (a restart's cost)
     checkpoint: dict | None = None  # saves, their cost, where it resumed from (bench run --checkpoint)
     energy: dict = field(default_factory=dict)  # GPU joules over the measured window (energy_fields)
+    verdict: dict | None = None  # input- or compute-bound and the next command (doctor.run_verdict)
     profile: dict | None = None  # torch.profiler summary of --profile-steps steps (trainer/profile.py)
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as they were
 

@@ -21,7 +21,7 @@ from loaders import backends, build_loader, get_backend
 from loaders.contract import available_cores, scan_imagefolder
 
 from ..data.convert import folder_storage
-from ..data.synth import SynthSpec, default_dataset
+from ..data.synth import SynthSpec, default_dataset, default_dataset_path
 from ..errors import Preempted, UsageError
 from ..storage import regime
 from ..trainer import (
@@ -36,6 +36,7 @@ from ..trainer import (
 )
 from . import cpus, envinfo
 from . import result as results
+from .doctor import run_verdict, verdict_lines
 from .monitor import ResourceMonitor
 from .resume import record_run
 from .spec import RunSpec
@@ -203,8 +204,9 @@ def prepare(cfg: RunSpec, *splits: Path | None) -> None:
             cfg.backend.prepare(split, cfg.options)
 
 
-def run(cfg: RunSpec, argv: list[str], log=print) -> Path | None:
-    """Run one benchmark in this process (one rank); rank 0 returns the result path."""
+def run(cfg: RunSpec, argv: list[str], log=print, quiet: bool = False) -> Path | None:
+    """Run one benchmark in this process (one rank); rank 0 returns the result path. Rank 0 prints
+    the result's table and, unless ``quiet``, its verdict (recorded in the result either way)."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     cores = cpus.confine_rank(cfg.cpus)  # before any worker, backend thread or process group
@@ -223,7 +225,9 @@ def run(cfg: RunSpec, argv: list[str], log=print) -> Path | None:
                 f"({cfg.dist_timeout_s} s): {str(exc).strip().splitlines()[0][:300]}"
             ) from exc
     try:
-        return _run(cfg, argv, device, rank, world_size, log if rank == 0 else (lambda *a, **k: None), cores)
+        return _run(
+            cfg, argv, device, rank, world_size, log if rank == 0 else (lambda *a, **k: None), cores, quiet
+        )
     except RuntimeError as exc:
         if world_size > 1 and lost_a_rank(exc):
             raise TrainError(
@@ -247,7 +251,7 @@ def lost_a_rank(exc: BaseException) -> bool:
     )
 
 
-def _run(cfg, argv, device, rank, world_size, log, cores) -> Path | None:
+def _run(cfg, argv, device, rank, world_size, log, cores, quiet=False) -> Path | None:
     torch.manual_seed(cfg.seed)
     if rank == 0 or cfg.data:
         train_dir, val_dir = resolve_data(cfg)
@@ -418,10 +422,19 @@ def _run(cfg, argv, device, rank, world_size, log, cores) -> Path | None:
         storage["images_per_second_with_staging"] = outcome.measured_images / (
             outcome.measured_seconds + storage["staging_s"]
         )
+    res.metrics.verdict = run_verdict(
+        cfg,
+        res.metrics,
+        device.type == "cuda",
+        len(cores) if cores else available_cores(),
+        str(default_dataset_path()),
+    )
     path = results.save(res, cfg.out)
     from rich.console import Console
 
     Console().print(results.table(res, path))
+    if not quiet:
+        log(verdict_lines(res.metrics.verdict))
     return path
 
 

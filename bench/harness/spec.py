@@ -301,6 +301,29 @@ KNOB_FLAGS: dict[str, tuple[str, dict]] = {
 }
 
 
+STORAGE_FIELDS = ("storage", "s3_endpoint", "s3_bucket", "s3_latency_ms", "s3_mbps")
+# The run-spec fields each harness command varies from (its flags; a verdict's next command keeps these).
+COMMAND_FIELDS = {
+    "sweep": (
+        "data",
+        "model",
+        "batch_size",
+        "image_size",
+        "steps",
+        "warmup_steps",
+        "seed",
+        *STORAGE_FIELDS,
+        "cpus",
+    ),
+    "doctor": (
+        *("loader", "model", "data", "batch_size", "image_size", "steps", "amp", "channels_last"),
+        *(*STORAGE_FIELDS, "cpus"),
+    ),
+    "tune": ("loader", "data", "model", "batch_size", "image_size", "steps", *STORAGE_FIELDS, "cpus"),
+    "plan": ("data", "model", "batch_size", "image_size", "amp", "channels_last", "storage", "seed"),
+}
+
+
 def add_flags(
     p: argparse.ArgumentParser, fields=None, knobs: bool = True, options: bool = True, **defaults
 ) -> None:
