@@ -20,6 +20,7 @@ from loaders.stored import write_json
 
 from ..errors import BenchError
 from .launch import run_trial
+from .progress import Progress
 from .spec import COMMAND_FIELDS, FLAGS, RunSpec
 
 INPUT_BOUND = 0.9  # the loader alone below 90% of the model's own rate: the model waits for data
@@ -265,15 +266,16 @@ def diagnose(
                     probe_spec(spec, b.name, workers, cuda), loader_only=True
                 )
     measured, errors, files = {}, {}, {}
-    for key, probe in probes.items():
-        log(f"doctor: {key.replace('_', ' ')} ...")
-        t = run_trial(dataclasses.replace(probe, label=f"doctor-{key}"), runs)
-        if t.path is None:
-            errors[key] = t.error
-            log(f"doctor: {key}: failed: {t.error}")
-            continue
-        files[key] = str(t.path.relative_to(out))
-        measured[key] = t.result.metrics
+    with Progress("doctor", len(probes), log) as progress:
+        for key, probe in probes.items():
+            t = run_trial(dataclasses.replace(probe, label=f"doctor-{key}"), runs)
+            if t.path is None:
+                errors[key] = t.error
+                progress.advance(f"doctor: {key.replace('_', ' ')}: failed: {t.error}")
+                continue
+            files[key] = str(t.path.relative_to(out))
+            measured[key] = t.result.metrics
+            progress.advance(f"doctor: {key.replace('_', ' ')}: {t.result.ips:,.1f} img/s")
     for key in ("ceiling", "end_to_end", "loader_only"):
         if key not in measured:
             raise DoctorError(f"the {key.replace('_', ' ')} probe failed: {errors.get(key)}")

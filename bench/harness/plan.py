@@ -39,6 +39,7 @@ from loaders.stored import write_json
 from ..errors import UsageError
 from ..trainer import TrainConfig, build_model, measure, train
 from . import cpus, envinfo
+from .progress import Progress
 from .spec import RunSpec
 
 SCHEMA = "loaderbench.plan/1"
@@ -265,12 +266,22 @@ def measure_here(
     trials: int = 1,
     log=print,
 ) -> Measured:
-    from .runner import resolve_data
-
     start = time.perf_counter()
     m = Measured()
     everything = cpus.allowed()
     counts = list(range(max_cores, 0, -1))  # most cores first: pools are sized down, never up
+    progress = Progress("plan", len(counts) * (len(loaders) + bool(model_cores)), log)
+    with progress:
+        _measure_here(spec, loaders, counts, model_cores, steps, warmup, trials, everything, m, progress)
+    cpus.confine(everything)
+    m.seconds = time.perf_counter() - start
+    return m
+
+
+def _measure_here(spec, loaders, counts, model_cores, steps, warmup, trials, everything, m, progress):
+    """Fill ``m``: each loader alone at each core count, then the model on the CPU (synthetic data)."""
+    from .runner import resolve_data
+
     for name in loaders:
         s = dataclasses.replace(spec.with_loader(name), loader_only=True)
         train_dir, _ = resolve_data(s, progress=False)
@@ -282,7 +293,7 @@ def measure_here(
             ks = dataclasses.replace(s.with_loader(name, workers=k), loader_only=True)
             got = [_loader_ips(ks, source, steps, warmup) for _ in range(trials)]
             ips[k], samples = statistics.median(g[0] for g in got), got[0][1]
-            log(f"  {name:10s} {k:3d} core(s): {ips[k]:10,.1f} img/s (loader only)")
+            progress.advance(f"  {name:10s} {k:3d} core(s): {ips[k]:10,.1f} img/s (loader only)")
         m.loaders[name] = Curve(sorted(ips), [ips[k] for k in sorted(ips)])
         cpus.confine(everything)
         m.storage_ips[name] = _storage_ips(files_under(source), samples, cold=spec.storage == "cold")
@@ -294,11 +305,10 @@ def measure_here(
         for k in counts:
             cpus.confine(everything[:k])
             rates[k], _ = _loader_ips(s, train_dir, max(warmup + 3, steps // 2), warmup)
-            log(f"  {spec.model} on the CPU, {k:3d} core(s): {rates[k]:10,.1f} img/s (synthetic data)")
+            progress.advance(
+                f"  {spec.model} on the CPU, {k:3d} core(s): {rates[k]:10,.1f} img/s (synthetic data)"
+            )
         m.model = Curve(sorted(rates), [rates[k] for k in sorted(rates)])
-    cpus.confine(everything)
-    m.seconds = time.perf_counter() - start
-    return m
 
 
 # -- the record and the map -------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from loaders.stored import write_json
 from ..errors import BenchError
 from . import result as results
 from .launch import Trial, run_trial
+from .progress import Progress
 from .spec import RunSpec
 
 SCHEMA = "loaderbench.sweep/1"
@@ -252,14 +253,14 @@ class Sweep:
                 t: Trial = run_trial(spec, self.runs, timeout=self.s.trial_timeout)
                 if t.path is None:
                     step.errors.append(t.error or "failed")
-                    self.log(f"  {step.key} trial {i + 1}: FAILED: {t.error}")
+                    self.progress.advance(f"  {step.key} trial {i + 1}: FAILED: {t.error}")
                     self._record()
                     continue
                 rel, result, how = str(t.path.relative_to(self.out)), t.result, ""
             step.results.append(rel)
             self.loaded[rel] = result
             got.append(result)
-            self.log(f"  {step.key} trial {i + 1}: {result.ips:.1f} img/s {how}".rstrip())
+            self.progress.advance(f"  {step.key} trial {i + 1}: {result.ips:.1f} img/s {how}".rstrip())
             self._record()  # an interruption loses at most the trial under way
         step.seconds = time.perf_counter() - start
         step.status = "ok" if got else "failed"
@@ -296,6 +297,17 @@ class Sweep:
 
     # -- the ladder ----------------------------------------------------------------------------
     def run(self) -> Path:
+        # every technique's trials and one ceiling per model setting (an estimate: steps a machine
+        # cannot run are skipped, and each distinct amp / channels_last / ranks needs its own ceiling)
+        trials = (len(self.s.techniques) + 1) * self.s.trials + 2 * self.s.ceiling_trials
+        with Progress("sweep", trials, self.log) as self.progress:
+            log, self.log = self.log, self.progress.line
+            try:
+                return self._run()
+            finally:
+                self.log = log
+
+    def _run(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.resume:
             if not (self.out / "sweep.json").exists():

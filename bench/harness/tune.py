@@ -18,6 +18,7 @@ from loaders.stored import write_json
 
 from ..errors import BenchError
 from .launch import run_trial
+from .progress import Progress
 from .spec import RunSpec, format_value
 
 
@@ -53,6 +54,10 @@ def tune(
     base = dataclasses.replace(spec, loader_only=not end_to_end)
     runs = out / "runs"
     tried: list[dict] = []
+    counts = candidates(cores, with_zero=backend.min_workers == 0)
+    progress = Progress(
+        f"tune {spec.loader}", 1 + len(counts) + (len(backend.prefetch_values) if pre else 0), log
+    )
 
     def measure(opts: dict, label: str) -> float | None:
         trial_spec = dataclasses.replace(base.with_options(**opts), label=label)
@@ -60,33 +65,34 @@ def tune(
         for _ in range(trials):
             t = run_trial(trial_spec, runs)
             if t.path is None:
-                log(f"tune: {opts or 'defaults'}: failed: {t.error}")
+                progress.advance(f"tune: {opts or 'defaults'}: failed: {t.error}")
                 tried.append({"options": opts, "error": t.error})
                 return None
             rates.append(t.result.ips)
         ips = statistics.median(rates)
         tried.append({"options": opts, "images_per_second": ips, "trials": rates})
-        log(
+        progress.advance(
             f"tune: {', '.join(f'{k}={v}' for k, v in opts.items()) or 'defaults'}: {ips:,.1f} img/s ({mode})"
         )
         return ips
 
-    default_ips = measure({}, "tune-defaults")
-    best_opts, best_ips = {}, default_ips or 0.0
-    stage1 = {}
-    for n in candidates(cores, with_zero=backend.min_workers == 0):
-        ips = measure({par: n}, f"tune-{par}")
-        if ips is not None:
-            stage1[n] = ips
-    if stage1:
-        n = max(stage1, key=stage1.get)
-        if stage1[n] > best_ips:
-            best_opts, best_ips = {par: n}, stage1[n]
-        if pre and n > 0:  # prefetching needs workers
-            for v in backend.prefetch_values:
-                ips = measure({par: n, pre: v}, f"tune-{pre}")
-                if ips is not None and ips > best_ips:
-                    best_opts, best_ips = {par: n, pre: v}, ips
+    with progress:
+        default_ips = measure({}, "tune-defaults")
+        best_opts, best_ips = {}, default_ips or 0.0
+        stage1 = {}
+        for n in counts:
+            ips = measure({par: n}, f"tune-{par}")
+            if ips is not None:
+                stage1[n] = ips
+        if stage1:
+            n = max(stage1, key=stage1.get)
+            if stage1[n] > best_ips:
+                best_opts, best_ips = {par: n}, stage1[n]
+            if pre and n > 0:  # prefetching needs workers
+                for v in backend.prefetch_values:
+                    ips = measure({par: n, pre: v}, f"tune-{pre}")
+                    if ips is not None and ips > best_ips:
+                        best_opts, best_ips = {par: n, pre: v}, ips
     if not tried or all("error" in t for t in tried):
         raise TuneError(
             f"every {spec.loader} run failed; last error: {tried[-1]['error'] if tried else 'none ran'}"
