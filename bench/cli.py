@@ -465,15 +465,27 @@ def _report_parsers(sub) -> None:
         dest="produced_by",
         help="the command that produced the folder (default: the commands recorded in it)",
     )
+    p.add_argument(
+        "--html",
+        action="store_true",
+        help="write only index.html, from the folder's README.md as it is and its results (for folders "
+        "whose README a script wrote); without it, README.md and index.html are both rendered",
+    )
     p = sub.add_parser("compare", help="ratio per metric between two result files or folders (B / A)")
     p.add_argument("a")
     p.add_argument("b")
+    p.add_argument("--html", metavar="FILE", help="also write the comparison as a self-contained HTML page")
 
 
 def cmd_report(args) -> int:
     from .harness import report
 
-    print(report.render(args.folder, args.title, args.produced_by))
+    if args.html:
+        print(report.render_html(args.folder))
+        return 0
+    path = report.render(args.folder, args.title, args.produced_by)
+    print(path)
+    print(path.parent / "index.html")
     return 0
 
 
@@ -497,6 +509,10 @@ def cmd_compare(args) -> int:
             "n/a" if r["ratio"] is None else f"{r['ratio']:.3f}",
         )
     Console().print(t)
+    if args.html:
+        from .harness import html
+
+        print(html.render_compare(rows, args.a, args.b, Path(args.html)))
     return 0
 
 

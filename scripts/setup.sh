@@ -60,3 +60,9 @@ if ! .venv/bin/python -c "import ffcv" 2>/dev/null; then
          "the other backends are installed and its tests are skipped" >&2
   fi
 fi
+# The HTML report's browser test (tests/test_html.py) drives Debian's headless Chromium through
+# selenium (a dev dependency); without a browser that test is skipped and says why.
+if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null; then
+  echo "setup: installing chromium and chromium-driver for the HTML report's browser test (apt, under a minute)" >&2
+  apt_install chromium chromium-driver fonts-dejavu-core
+fi

@@ -14,6 +14,7 @@ from pathlib import Path
 from loaders.stored import write_atomic
 
 from ..errors import BenchError
+from . import html
 from .result import Result, ResultError, load
 
 
@@ -599,7 +600,20 @@ def render(folder: Path | str, title: str | None = None, command: str | None = N
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     lines += ["## Every configuration measured", "", *runs_table(results), "", energy_note(results), ""]
-    return write_atomic(folder / "README.md", "\n".join(lines))
+    path = write_atomic(folder / "README.md", "\n".join(lines))
+    html.render_folder(folder, results, title or folder.name)
+    return path
+
+
+def render_html(folder: Path | str) -> Path:
+    """index.html from the folder's README.md as it stands (a script may have written it) and its
+    results: for the folders whose README is not `bench report`'s own."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ReportError(f"{folder}: folder not found")
+    if not (folder / "README.md").is_file() and not any(folder.rglob("*.json")):
+        raise ReportError(f"{folder}: no README.md and no results to render")
+    return html.render_folder(folder, results_in(folder), folder.name)
 
 
 # -- compare ---------------------------------------------------------------------------------------
