@@ -457,7 +457,16 @@ def _print_plan(doc: dict) -> None:
 def _report_parsers(sub) -> None:
     p = sub.add_parser("report", help="render a folder of results into README.md with plots")
     p.add_argument(
-        "folder", help="folder holding result JSON files (and sweep.json / tune.json / doctor.json)"
+        "folder",
+        nargs="?",
+        help="folder holding result JSON files (and sweep.json / tune.json / doctor.json); with --check: "
+        "the folder of results folders (default reports)",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="list the results folders whose producing commit predates a change to the code they measure "
+        "(loaders/, bench/trainer/); exit 1 if one of them does not say which commit and machine it is from",
     )
     p.add_argument("--title")
     p.add_argument(
@@ -480,6 +489,21 @@ def _report_parsers(sub) -> None:
 def cmd_report(args) -> int:
     from .harness import report
 
+    if args.check:
+        rows = report.check(args.folder or "reports")
+        for r in rows:
+            mark = "ok" if r["ok"] else "UNLABELLED"
+            label = " (labelled with its commit and machine)" if r["labelled"] and r["changes"] else ""
+            print(f"{mark:10s} {r['folder']:24s} {r['commit'] or '-':10s} {r['status']}{label}")
+        bad = [r["folder"] for r in rows if not r["ok"]]
+        if bad:
+            raise UsageError(
+                f"{len(bad)} results folder(s) predate the code they measure and do not say so: {', '.join(bad)} "
+                "(re-measure them, or name the commit and machine in their README.md)"
+            )
+        return 0
+    if args.folder is None:
+        raise UsageError("bench report: a results folder is needed (or --check)")
     if args.html:
         print(report.render_html(args.folder))
         return 0

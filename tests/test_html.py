@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -168,3 +169,48 @@ def test_in_chromium_it_loads_cleanly_holds_the_json_figures_and_sorts(ladder):
         assert "img/s median" in tip and "command: bench run" in tip
     finally:
         browser.quit()
+
+
+def _shallow() -> bool:
+    out = subprocess.run(
+        ["git", "-C", str(REPORTS), "rev-parse", "--is-shallow-repository"], capture_output=True, text=True
+    )
+    return out.returncode != 0 or out.stdout.strip() == "true"
+
+
+def test_report_check_finds_a_stale_unlabelled_folder_and_accepts_it_once_labelled(tmp_path):
+    git = lambda *a: subprocess.run(
+        ["git", "-C", str(tmp_path), *a], check=True, capture_output=True, text=True
+    ).stdout.strip()  # noqa: E731
+    git("init", "-q")
+    git("config", "user.email", "t@t")
+    git("config", "user.name", "t")
+    (tmp_path / "loaders").mkdir()
+    (tmp_path / "loaders" / "x.py").write_text("a = 1\n")
+    git("add", "-A")
+    git("commit", "-qm", "measured code")
+    measured = git("rev-parse", "HEAD")
+    folder = tmp_path / "reports" / "f"
+    folder.mkdir(parents=True)
+    (folder / "r.json").write_text(json.dumps({"environment": {"git_commit": measured}}))
+    (folder / "README.md").write_text("# f\n\n| a |\n|---|\n| 1 |\n")
+    (tmp_path / "reports" / "docs-only").mkdir()  # a folder without README is not a results folder
+    git("add", "-A")
+    git("commit", "-qm", "results")
+    assert [r["ok"] for r in report.check(tmp_path / "reports")] == [True]  # nothing measured changed since
+    (tmp_path / "loaders" / "x.py").write_text("a = 2\n")
+    git("commit", "-qam", "the loader changes")
+    (row,) = report.check(tmp_path / "reports")
+    assert (
+        not row["ok"] and row["changes"][0].endswith("the loader changes") and row["commit"] == measured[:10]
+    )
+    (folder / "README.md").write_text(f"# f\n\nFigures from commit {measured[:8]}; machine: a 2-core box.\n")
+    (row,) = report.check(tmp_path / "reports")
+    assert row["ok"] and row["labelled"]
+
+
+@pytest.mark.skipif(_shallow(), reason="a shallow clone has not the history the check reads")
+def test_report_check_on_the_committed_tree_lists_nothing_unlabelled():
+    from bench import cli
+
+    assert cli.main(["report", "--check", str(REPORTS)]) == 0

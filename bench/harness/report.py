@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -673,4 +674,76 @@ def compare(a: Path | str, b: Path | str) -> list[dict]:
                     "trials": (len(x.runs), len(y.runs)),
                 }
             )
+    return rows
+
+
+# -- freshness -------------------------------------------------------------------------------------
+
+MEASURED_CODE = ("loaders", "bench/trainer")  # what a result's figures depend on
+
+
+def _git(repo: Path, *args: str) -> str | None:
+    import subprocess
+
+    out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def producing_commits(folder: Path) -> set[str]:
+    """The commits recorded by the JSON under ``folder`` (results, plans, any document with an
+    ``environment.git_commit``)."""
+    found = set()
+    for path in folder.rglob("*.json"):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        commit = (doc.get("environment") or {}).get("git_commit") if isinstance(doc, dict) else None
+        if commit:
+            found.add(commit)
+    return found
+
+
+def check(root: Path | str) -> list[dict]:
+    """Per results folder under ``root``: the newest commit its JSON records, the later commits that
+    changed the code it measured (MEASURED_CODE), and whether its README says which commit the
+    figures are from (names one of those commits, and the machine). ``ok`` is False for a folder
+    that is stale and does not say so."""
+    root = Path(root)
+    repo = Path(_git(root, "rev-parse", "--show-toplevel") or root)
+    rows = []
+    for folder in sorted(p for p in root.iterdir() if (p / "README.md").is_file()):
+        readme = (folder / "README.md").read_text()
+        named = set(re.findall(r"\b[0-9a-f]{7,40}\b", readme))
+        commits = producing_commits(folder)
+        row = {"folder": folder.name, "commit": None, "changes": [], "labelled": False}
+        if not commits:  # nothing recorded: the README must name the commit itself
+            labelled = bool(named) and bool(re.search(r"\b[Mm]achine\b", readme))
+            row.update(status="no commit recorded in its JSON", labelled=labelled, ok=labelled)
+            rows.append(row)
+            continue
+        known = [c for c in commits if _git(repo, "cat-file", "-e", f"{c}^{{commit}}") is not None]
+        if not known:
+            row.update(
+                status=f"its commits are not in this history: {', '.join(sorted(c[:10] for c in commits))}"
+            )
+            row.update(ok=False)
+            rows.append(row)
+            continue
+        newest = max(known, key=lambda c: int(_git(repo, "rev-list", "--count", c) or 0))
+        changes = (
+            _git(repo, "log", "--format=%h %s", f"{newest}..HEAD", "--", *MEASURED_CODE) or ""
+        ).splitlines()
+        labelled = bool(re.search(r"\b[Mm]achine\b", readme)) and any(
+            c.startswith(n) for n in named for c in commits
+        )
+        row.update(commit=newest[:10], changes=changes, labelled=labelled)
+        if not changes:
+            row.update(status="current", ok=True)
+        else:
+            row.update(
+                status=f"predates {len(changes)} change(s) to {', '.join(MEASURED_CODE)} (latest: {changes[0][:70]})",
+                ok=labelled,
+            )
+        rows.append(row)
     return rows
