@@ -100,7 +100,15 @@ def main(out: Path, trials: int) -> None:
         rows[label]["state"] = state_cost(args)
     shutil.rmtree(work, ignore_errors=True)
     med = statistics.median
-    doc = {"trials": trials, "created": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
+    from bench.harness import envinfo, report
+
+    # the machine and commit, so that `bench report --check` can tell when these figures go stale
+    doc = {
+        "trials": trials,
+        "created": time.strftime("%Y-%m-%d %H:%M"),
+        "environment": envinfo.collect(),
+        "rows": rows,
+    }
     (out / "resume.json").write_text(json.dumps(doc, indent=1))
     lines = [
         "| backend | state (JSON bytes) | state_dict() | checkpoint save (small CNN, MB) | start to first batch: fresh | resumed 24 batches in | difference |",
@@ -117,6 +125,7 @@ def main(out: Path, trials: int) -> None:
     (out / "README.md").write_text(
         "# What resuming costs\n\n"
         f"`bash scripts/measure-resume.sh` ({trials} trials, medians, min-max in brackets; {doc['created']}).\n"
+        f"Machine: {report.machine_line_of(doc['environment'])}.\n"
         "Default generated set, batch 64, 2 workers/threads; the checkpoint is at step 24 of 25.\n\n"
         + "\n".join(lines)
         + "\n"

@@ -454,7 +454,11 @@ def regimes_table(results: dict[str, Result]) -> list[str]:
 
 
 def machine_line(r: Result) -> str:
-    env = r.environment
+    return machine_line_of(r.environment)
+
+
+def machine_line_of(env: dict) -> str:
+    """The machine, libraries and commit of an ``envinfo.collect()`` record, in one line."""
     gpus = ", ".join(
         f"{g['name']}" + (f" (driver {g['driver']})" if g.get("driver") else "") for g in env["gpus"]
     )
