@@ -445,13 +445,10 @@ def render_compare(rows: list[dict], a: str, b: str, out: Path) -> Path:
     for r in rows:
         better = "-"
         if r["ratio"] is not None:
-            better = (
-                "B"
-                if (r["ratio"] > 1) == r["higher_is_better"] and r["ratio"] != 1
-                else "A"
-                if r["ratio"] != 1
-                else "="
-            )
+            if r["ratio"] == 1:
+                better = "="
+            else:
+                better = "B" if (r["ratio"] > 1) == r["higher_is_better"] else "A"
             if r["metric"] == "images/s":
                 bars.append(
                     {

@@ -365,7 +365,7 @@ def measure(
             break
         if segment_start is not None and epoch + 1 < cfg.epochs:  # a loop pays it before its next batch
             measured_seconds += teardown[1] - teardown[0]
-            result.windows.append(teardown)
+            result.windows[-1] = (result.windows[-1][0], teardown[1])  # the epoch's window, extended
     if profiler is not None:  # the run ended before the profiled steps did
         result.profile = profile.finish(profiler, device, local_steps - cfg.warmup_steps)
     total_images = all_reduce_values([measured_images], device)[0]
