@@ -20,8 +20,20 @@ from loaders import get_backend  # noqa: E402
 
 
 def main(folders: list[str]) -> None:
+    every = {f: list(results_in(Path(f)).values()) for f in folders}
+    runs = [r for rs in every.values() for r in rs]
+    commits = sorted({(r.environment.get("git_commit") or "?")[:10] for r in runs})
+    machines = sorted(
+        {
+            f"{(r.environment.get('gpus') or [{}])[0].get('name')}, {r.environment.get('cpu_count')} cores"
+            for r in runs
+        }
+    )
     lines = [
         "# The planner's GPU model against measured GPU runs",
+        "",
+        f"Inputs measured at commit {', '.join(commits)} on the machine(s) {'; '.join(machines)} (their "
+        "JSON); the predictions are the planner's (bench/harness/plan.py) at the commit that last wrote this file.",
         "",
         f"Produced by: `.venv/bin/python scripts/plan-gpu-check.py {' '.join(folders)}` (no GPU needed: it "
         "reads the results). Per folder (one machine, one core count), per loader variant: loader-only "
@@ -31,7 +43,6 @@ def main(folders: list[str]) -> None:
         "| results | cores | loader | loader only | GPU cost | how it shares the GPU | predicted | measured | error |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    every = {f: list(results_in(Path(f)).values()) for f in folders}
     gpu_of = lambda r: (r.environment.get("gpus") or [{}])[0].get("name")  # noqa: E731
     for folder in folders:
         res = every[folder]
