@@ -4,6 +4,7 @@ a message that says what happened, leave no orphan process and write nothing tha
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -83,6 +84,21 @@ def alive(procs: list[psutil.Process]) -> list[int]:
     return out
 
 
+def _holds_pipes_of(p: psutil.Process, proc: subprocess.Popen) -> bool:
+    """Whether ``p`` (not bench itself) has one of the pipes bench's stdout/stderr go to open."""
+    if p.pid in (os.getpid(), proc.pid):
+        return False
+    wanted = {
+        os.fstat(f.fileno()).st_ino for f in (proc.stdout, proc.stderr) if f is not None and not f.closed
+    }
+    try:
+        return any(
+            os.stat(f"/proc/{p.pid}/fd/{fd}").st_ino in wanted for fd in os.listdir(f"/proc/{p.pid}/fd")
+        )
+    except OSError:
+        return False
+
+
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[float, str]:
     start = time.monotonic()
     try:
@@ -90,11 +106,17 @@ def finish(proc: subprocess.Popen, timeout: float) -> tuple[float, str]:
     except subprocess.TimeoutExpired:
         # What was left, and where bench's threads stood (faulthandler on SIGUSR1): the cause, next time
         running = proc.poll() is None
-        left = [f"{p.pid} {p.status()} {command(p)[:80]}" for p in descendants(proc) if alive([p])]
+        # bench may have exited while a process it started still holds its stdout/stderr open
+        kin = descendants(proc) + [p for p in psutil.process_iter() if _holds_pipes_of(p, proc)]
+        left = [f"{p.pid} (parent {p.ppid()}) {p.status()} {command(p)[:80]}" for p in kin if alive([p])]
         if running:
             os.kill(proc.pid, signal.SIGUSR1)
             time.sleep(1)
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # its group may be empty already
+            os.killpg(proc.pid, signal.SIGKILL)
+        for p in kin:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
         _, err = proc.communicate(timeout=30)
         pytest.fail(
             f"bench did not exit within {timeout:.0f} s (bench {'still running' if running else 'exited'}; "
