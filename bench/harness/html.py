@@ -10,7 +10,6 @@ commit and command."""
 from __future__ import annotations
 
 import base64
-import collections
 import html
 import json
 import math
@@ -283,16 +282,10 @@ def ladder_chart(sweep: dict, folder: Path, results: dict[str, Result]) -> str:
 
 
 def workers_chart(results: dict[str, Result]) -> str:
-    series = collections.defaultdict(lambda: collections.defaultdict(list))
-    for p, r in results.items():
-        if r.workers is None or r.config["world_size"] != 1:
-            continue
-        mode = "loader only" if r.loader_only else r.config["model"]
-        series[f"{r.config['loader']}, {mode}"][int(r.workers)].append((p, r))
+    from .report import workers_series
+
     lines = {}
-    for name, by in series.items():
-        if len(by) < 2:
-            continue
+    for name, by in workers_series(results).items():
         lines[name] = []
         for w, runs in by.items():
             ips = [r.ips for _, r in runs]

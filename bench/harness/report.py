@@ -330,24 +330,29 @@ def plot_ladder(rungs: list[Rung], folder: Path) -> list[str]:
     return written
 
 
-def plot_workers(results: dict[str, Result], folder: Path) -> list[str]:
-    """Images/s against workers (or DALI/FFCV threads) for every (loader, mode) measured at
-    more than one worker count."""
+def workers_series(results: dict[str, Result]) -> dict[str, dict[int, list[tuple[str, Result]]]]:
+    """Single-rank runs by "loader, mode" and worker (or DALI/FFCV thread) count, with their paths,
+    for every (loader, mode) measured at more than one count."""
     series = collections.defaultdict(lambda: collections.defaultdict(list))
-    for r in results.values():
+    for path, r in results.items():
         w = r.workers
         if w is None or r.config["world_size"] != 1:
             continue
         mode = "loader only" if r.loader_only else f"end to end ({r.config['model']})"
-        series[(r.config["loader"], mode)][int(w)].append(r.ips)
-    series = {k: v for k, v in series.items() if len(v) > 1}
+        series[f"{r.config['loader']}, {mode}"][int(w)].append((path, r))
+    return {k: dict(v) for k, v in series.items() if len(v) > 1}
+
+
+def plot_workers(results: dict[str, Result], folder: Path) -> list[str]:
+    """Images/s against workers for every (loader, mode) measured at more than one count."""
+    series = workers_series(results)
     if not series:
         return []
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (loader, mode), pts in sorted(series.items()):
+    for name, pts in sorted(series.items()):
         xs = sorted(pts)
-        ax.plot(xs, [statistics.median(pts[x]) for x in xs], marker="o", label=f"{loader}, {mode}")
+        ax.plot(xs, [statistics.median(r.ips for _, r in pts[x]) for x in xs], marker="o", label=name)
     ax.set_xlabel("workers / threads")
     ax.set_ylabel("images/s (median of trials)")
     ax.set_title("Throughput vs workers")
