@@ -21,7 +21,7 @@ from loaders.stored import write_json
 from ..errors import BenchError
 from .launch import run_trial
 from .progress import Progress
-from .spec import COMMAND_FIELDS, FLAGS, RunSpec
+from .spec import COMMAND_FIELDS, RunSpec
 
 INPUT_BOUND = 0.9  # the loader alone below 90% of the model's own rate: the model waits for data
 
@@ -102,21 +102,11 @@ def verdict(
 def next_command(command: str, spec: RunSpec, default_data: str | None = None) -> str:
     """`bench COMMAND` with the settings of ``spec`` that it takes and that differ from the defaults
     (the generated default set is left implicit)."""
-    fields = COMMAND_FIELDS[command]
-    if default_data is not None and spec.data == default_data:
-        spec = dataclasses.replace(spec, data=None)
-    argv = dataclasses.replace(spec, options=type(spec.options)()).to_argv()
-    kept, i = [], 0
-    flags = {FLAGS[f][0] for f in fields}
-    while i < len(argv):
-        flag = argv[i]
-        takes_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
-        if flag in flags:
-            kept += argv[i : i + 1 + takes_value]
-        i += 1 + takes_value
-    if "loader" in fields and "--loader" not in kept:
-        kept = ["--loader", spec.loader, *kept]
-    return " ".join(["bench", command, *kept])
+    kept = RunSpec(**{f: getattr(spec, f) for f in COMMAND_FIELDS[command] if f != "loader"})
+    if default_data is not None and kept.data == default_data:
+        kept = dataclasses.replace(kept, data=None)
+    loader = ["--loader", spec.loader] if "loader" in COMMAND_FIELDS[command] else []
+    return " ".join(["bench", command, *loader, *kept.to_argv()])
 
 
 def run_verdict(spec: RunSpec, metrics, cuda: bool, cores: int, default_data: str | None = None) -> dict:
