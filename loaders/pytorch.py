@@ -14,22 +14,21 @@ import functools
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Sampler
 
 from . import objstore
 from .backend import Backend
 from .contract import BaseLoader, LoaderConfig, LoaderError, rank_share, scan_imagefolder
 from .feed import DeviceFeed
-from .gpudecode import collate_encoded, decode_batch, encoded_sample
+from .gpudecode import collate_encoded, decode_batch
 from .images import (
     DECODERS,
-    BadSample,
     check_decoder,
     collate_checked,
     describe_pipeline,
-    sample,
     transform_for,
 )
+from .samples import Samples
 from .workers import check_worker_options, worker_loader
 
 
@@ -81,56 +80,8 @@ class TorchBackend(Backend):
         )
 
 
-class _Samples(Dataset):
-    """Decodes and augments one sample. Keys are (epoch, index) so that augmentation is seeded
-    per sample and epoch: the same seed gives the same images whatever the worker count."""
-
-    def __init__(self, index, transform, seed: int, requests: int = 1, encoded: bool = False):
-        self.paths, self.labels = index.paths, index.labels
-        self.transform = transform
-        self.make = encoded_sample if encoded else sample
-        self.seed = seed
-        self.remote = objstore.is_url(str(index.root))
-        self.requests = requests
-        self._pool = None  # (pid, thread pool): a forked worker starts its own
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, key):
-        return self._sample(key, self._fetch(str(self.paths[key[1]])))
-
-    def __getitems__(self, keys):
-        """A batch's samples; from a bucket, its GETs go out together (``requests`` in flight): one
-        at a time, each worker would wait a whole first-byte latency per image."""
-        if not self.remote:
-            return [self[k] for k in keys]
-        import concurrent.futures
-        import os
-
-        if self._pool is None or self._pool[0] != os.getpid():
-            self._pool = (os.getpid(), concurrent.futures.ThreadPoolExecutor(self.requests))
-        sources = self._pool[1].map(self._fetch, [str(self.paths[i]) for _, i in keys])
-        return [self._sample(k, s) for k, s in zip(keys, sources)]
-
-    def _fetch(self, path: str):
-        if not self.remote:
-            return path
-        try:
-            return objstore.get(path)
-        except objstore.MissingObject as exc:  # as a missing file: the bad-sample policy decides
-            return BadSample(path, str(exc))
-
-    def _sample(self, key, source):
-        epoch, i = key
-        if isinstance(source, BadSample):
-            return source
-        path = str(self.paths[i])
-        return self.make(self.transform, source, path, int(self.labels[i]), self.seed, epoch, int(i))
-
-
 class _EpochKeys(Sampler):
-    """Wraps a rank's index sampler to yield (epoch, index) keys for ``_Samples``."""
+    """Wraps a rank's index sampler to yield (epoch, index) keys for ``Samples``."""
 
     def __init__(self, loader: TorchLoader):
         self.loader = loader
@@ -159,7 +110,7 @@ class TorchLoader(BaseLoader):
             cfg, float_in_workers=not (opts.device_normalize or gpu), decoder="cpu" if gpu else opts.decode
         )
         self._loader = worker_loader(
-            _Samples(index, self._transform, cfg.seed, opts.s3_requests, encoded=gpu),
+            Samples(index, self._transform, cfg.seed, opts.s3_requests, encoded=gpu),
             opts,
             self.name,
             cfg.device.type == "cuda",
