@@ -24,6 +24,7 @@ BUILTIN = (
     "loaders.ffcv:FfcvBackend",
     "loaders.wds:WdsBackend",
     "loaders.spdl:SpdlBackend",
+    "loaders.raydata:RayBackend",
 )
 
 BACKENDS: dict[str, Backend] = {}

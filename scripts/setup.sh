@@ -30,8 +30,9 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
   quiet_pip "torch==2.14.1" "torchvision==0.29.1"
 fi
 # Backends whose libraries install from PyPI alone: dali (CPU pipeline without CUDA, ~600 MB), wds;
-# s3: boto3 and moto's loopback S3 server for --storage s3; lightning for loaders.lightning.
-quiet_pip -e ".[dev,dali,wds,s3,spdl,lightning]"
+# s3: boto3 and moto's loopback S3 server for --storage s3; lightning for loaders.lightning;
+# ray: Ray Data (about 200 MB with pyarrow) for the ray backend.
+quiet_pip -e ".[dev,dali,wds,s3,spdl,lightning,ray]"
 # spdl.io decodes with the system's FFmpeg (libavcodec 4-9 + libavfilter, libavdevice): Debian's ffmpeg.
 apt_install() {
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

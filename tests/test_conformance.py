@@ -25,6 +25,7 @@ VARIANTS = {
     "ffcv": [dict(num_workers=2)],
     "wds": [dict(num_workers=0), dict(num_workers=2, device_normalize=True)],
     "spdl": [dict(num_threads=2), dict(num_threads=1, device_normalize=True)],
+    "ray": [dict(ray_cpus=2)],
 }
 CASES = [
     pytest.param(name, opts, id=f"{name}-{'-'.join(f'{k}={v}' for k, v in opts.items()) or 'default'}")
