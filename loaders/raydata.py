@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import queue
+import re
 import socket
 import threading
 from dataclasses import dataclass
@@ -123,9 +124,15 @@ def _reachable(address: str, named_by: str, wait_s: float = 5.0) -> None:
 def connect(opts: Options) -> str:
     """Join the cluster ``opts`` names, or start a local Ray instance; count this loader as a holder."""
     import ray
+    import ray._private.auto_init_hook as auto_init
+
+    # A pipeline thread still waiting on a lost pool when the process exits must not make Ray
+    # start (or join) an instance again after ours was shut down: no auto-init in this process.
+    auto_init.enable_auto_connect = False
 
     with _LOCK:
         address, named_by = _address(opts)
+        logging.getLogger("ray").setLevel(logging.WARNING)  # "Connecting to ...", "Connected ..."
         if not ray.is_initialized():
             quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
             if address:
@@ -293,6 +300,10 @@ class RayLoader(BaseLoader):
                 try:
                     kind, item = out.get(timeout=self.options.timeout)
                 except queue.Empty:
+                    # The pipeline thread stays blocked in Ray Data; when the process exits and Ray
+                    # disconnects, Ray Data logs that as an internal error: noise after this one.
+                    for handler in logging.getLogger("ray.data").handlers:
+                        handler.setLevel(logging.CRITICAL + 1)
                     raise LoaderError(
                         f"no batch from Ray within {self.options.timeout:g} s (the {self.where}): its "
                         "nodes may be gone or busy; `ray status` shows what it has (-o timeout=S to wait longer)"
@@ -336,8 +347,18 @@ class RayLoader(BaseLoader):
 
 
 def _first_line(exc: BaseException) -> str:
-    """The user-facing cause of a Ray error (its message without the remote traceback)."""
-    cause = getattr(exc, "cause", None) or exc
-    text = str(cause).strip().splitlines()
-    lines = [t for t in text if t.strip() and not t.startswith((" ", "Traceback"))]
-    return f"{type(cause).__name__}: {lines[-1] if lines else cause!r}"[:300]
+    """The user-facing cause of a Ray error: the task's own exception line ("RuntimeError: ...")
+    from the remote traceback Ray's wrappers (RayTaskError, UserCodeException) carry as text."""
+    text = [t.strip() for t in str(exc).splitlines()]
+    own = [
+        t
+        for t in text
+        if _RAISED.match(t) and not t.startswith(("ray.", "UserCodeException", "RayTaskError"))
+    ]
+    if own:
+        return own[-1][:300]
+    lines = [t for t in text if t and not t.startswith("Traceback")]
+    return f"{type(exc).__name__}: {lines[0] if lines else exc!r}"[:300]
+
+
+_RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit): ")

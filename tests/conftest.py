@@ -96,17 +96,20 @@ def _suite_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A Ray cluster on this machine for the suite's ray-backend tests: a head that runs no tasks
-    (the trainer's node) and two worker nodes (the remote pool) of 2 logical CPUs each (a worker
-    process per CPU, so that the ranks of a test, each its own Ray job, do not evict each other's
-    workers, which cost seconds each to start), their raylets on this machine's address (Ray's own ray.cluster_utils.Cluster). RAY_ADDRESS names it, so loaders in
+    (the trainer's node) and two 1-CPU worker nodes (the remote pool), their raylets on this
+    machine's address (Ray's own ray.cluster_utils.Cluster). RAY_ADDRESS names it, so loaders in
     this process and in the ranks and commands it starts join it instead of each starting Ray
     (several seconds a process); the test of the local instance removes RAY_ADDRESS."""
     pytest.importorskip("ray.data")
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+    # Each process that joins is its own Ray job with its own worker processes (seconds each to
+    # start: they import torch). Ray keeps num_cpus idle workers per node by default, so the two
+    # ranks of a test would evict each other's workers after every task; 8 keeps them.
+    head = {"num_cpus": 0, "include_dashboard": False, "_system_config": {"num_workers_soft_limit": 8}}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_ADDRESS", cluster.address)
@@ -117,9 +120,10 @@ def ray_cluster():
 
 @pytest.fixture(autouse=True)
 def _ray_for_ray_tests(request):
-    """Tests parametrised over the backends get the suite's Ray cluster where they run the ray one."""
+    """Tests parametrised over the backends (a name, or a command line's words) get the suite's Ray
+    cluster where they run the ray one."""
     params = getattr(getattr(request.node, "callspec", None), "params", {})
-    if "ray" in params.values():
+    if any(v == "ray" or (isinstance(v, tuple) and "ray" in v) for v in params.values()):
         request.getfixturevalue("ray_cluster")
 
 

@@ -100,6 +100,8 @@ if "dali" in available_backends():
     READERS.append(pytest.param(("--loader", "dali"), id="dali"))
 if "spdl" in available_backends():
     READERS.append(pytest.param(("--loader", "spdl"), id="spdl"))
+if "ray" in available_backends():  # joins the suite's Ray cluster (RAY_ADDRESS, tests/conftest.py)
+    READERS.append(pytest.param(("--loader", "ray"), id="ray"))
 
 
 @pytest.mark.parametrize("reader", READERS)

@@ -33,6 +33,7 @@ CASES = [
         ("ffcv", {}),
         ("wds", {}),
         ("spdl", {}),
+        ("ray", {}),
         ("toy", {}),
         ("synthetic", {}),
     ]
@@ -221,7 +222,9 @@ def test_foreign_damaged_and_newer_states_are_refused(probe):
         assert len(read(other, "torch")) == 6
 
 
-@pytest.mark.parametrize("name,opts", [c for c in CASES if c[0] in ("torch", "wds", "spdl") or c[1]], ids=str)
+@pytest.mark.parametrize(
+    "name,opts", [c for c in CASES if c[0] in ("torch", "wds", "spdl", "ray") or c[1]], ids=str
+)
 def test_seeded_backends_resume_with_the_same_pixels(small_data, name, opts):
     kw = dict(batch_size=8, image_size=48, seed=5, device="cpu", train=True, num_workers=1, **opts)
     with build_loader(name, small_data / "train", **kw) as loader:

@@ -134,6 +134,13 @@ class RunSpec:
                     f"{', '.join(f.name for f in dataclasses.fields(backend.Options))}"
                 )
             options[backend.knobs[technique]] = value
+        for option, (flag, _) in OPTION_FLAGS.items():
+            value = getattr(args, f"opt_{option}", None)
+            if value is None:
+                continue
+            if option not in backend.option_types():
+                raise UsageError(f"{flag}: loader {loader!r} has no {option} option")
+            options[option] = value
         types = backend.option_types()
         for item in getattr(args, "loader_opt", None) or []:
             key, sep, raw = item.partition("=")
@@ -300,6 +307,16 @@ KNOB_FLAGS: dict[str, tuple[str, dict]] = {
     ),
 }
 
+# Flags for one backend option of that name (the backends that lack it refuse the flag).
+OPTION_FLAGS: dict[str, tuple[str, dict]] = {
+    "address": (
+        "--ray-address",
+        dict(
+            metavar="HOST:PORT",
+            help="join this Ray cluster (the ray backend; default RAY_ADDRESS, else a local one)",
+        ),
+    ),
+}
 
 STORAGE_FIELDS = ("storage", "s3_endpoint", "s3_bucket", "s3_latency_ms", "s3_mbps")
 # The run-spec fields each harness command varies from (its flags; a verdict's next command keeps these).
@@ -340,5 +357,7 @@ def add_flags(
     g = p.add_argument_group("loader options (-o KEY=VALUE for any of the backend's options)")
     for technique, (flag, kw) in KNOB_FLAGS.items() if knobs else ():
         g.add_argument(flag, dest=f"knob_{technique}", **kw)
+    for option, (flag, kw) in OPTION_FLAGS.items() if knobs else ():
+        g.add_argument(flag, dest=f"opt_{option}", **kw)
     if options:
         g.add_argument("-o", "--loader-opt", action="append", default=[], metavar="KEY=VALUE")
