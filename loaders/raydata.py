@@ -256,7 +256,11 @@ class RayLoader(BaseLoader):
         shape = (3, cfg.image_size, cfg.image_size)
         load = functools.partial(load_batch, self._samples, order, cfg.batch_size, self.epoch, shape)
         blocks = ray.data.range(batches, override_num_blocks=max(1, batches))
-        ds = blocks.map_batches(load, batch_size=None, num_cpus=1)
+        remote_args = {}
+        if objstore.is_url(cfg.data):  # the tasks' S3 client: this process's endpoint and credentials
+            env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "LOADERBENCH_S3"))}
+            remote_args["runtime_env"] = {"env_vars": env}
+        ds = blocks.map_batches(load, batch_size=None, num_cpus=1, **remote_args)
         # The dataset's own copy of the DataContext (the process's stays as the user set it).
         ds.context.enable_progress_bars = False
         ds.context.execution_options.preserve_order = True  # the epoch's order, retried tasks included
