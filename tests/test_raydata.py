@@ -16,6 +16,7 @@ import torch
 from loaders import LoaderError, build_loader
 
 from .conftest import available_backends, bench, decode_ids, free_port
+from .test_bad_input import fails_cleanly
 
 pytestmark = pytest.mark.skipif("ray" not in available_backends(), reason="ray[data] not installed")
 
@@ -111,15 +112,6 @@ def test_a_task_that_raises_is_one_clear_error(small_data):
 def test_impossible_options_are_refused(small_data, opts, needle):
     with pytest.raises(LoaderError, match=needle):
         build_loader("ray", small_data / "train", batch_size=8, device="cpu", **opts)
-
-
-def fails_cleanly(out, *needles):
-    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
-    last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("bench: error") and "Traceback" not in out.stderr, out.stderr[-2000:]
-    for needle in needles:
-        assert needle in last, last
-    return last
 
 
 RUN = (
