@@ -18,6 +18,7 @@ LIBRARIES = (
     "nvidia-dali-cuda130",
     "ffcv",
     "webdataset",
+    "ray",
     "loaderbench",
 )
 
