@@ -381,6 +381,19 @@ def _plan_parser(sub) -> None:
     rate = p.add_mutually_exclusive_group()
     rate.add_argument("--gpu-rate", type=float, help="one GPU's training rate for this model, images/s")
     rate.add_argument("--gpu", help="a GPU from the table of published rates (docs/plan.md), e.g. a100-80gb")
+    p.add_argument(
+        "--cpu-nodes",
+        type=int,
+        default=0,
+        help="a pool of K CPU nodes that decodes for every GPU (the ray backend on a cluster): predicted "
+        "from Ray's per-image costs measured here, with the nodes needed for 95 %% of the GPU",
+    )
+    p.add_argument("--cores-per-cpu-node", type=int, default=0, help="cores of each CPU node in the pool")
+    p.add_argument(
+        "--network-gbps",
+        type=float,
+        help="each trainer node's link to the pool, Gbit/s (default: not modelled)",
+    )
     p.add_argument("--loaders", help="comma-separated backends (default: every installed one)")
     p.add_argument("--max-cores", type=int, default=0, help="measure at 1..N cores (default: all here)")
     p.add_argument("--steps", type=int, default=16, help="batches per measurement (3 of them warm-up)")
@@ -443,12 +456,13 @@ def _print_plan(doc: dict) -> None:
         table.add_column(col)
     for r in sorted(doc["predictions"], key=lambda r: -r["per_gpu_ips"]):
         need = r["cores_per_gpu_for_95"]
+        nodes = r.get("cpu_nodes_for_95")
         table.add_row(
             r["loader"],
             f"{r['per_gpu_ips']:,.0f}",
             f"{r['total_ips']:,.0f}",
             r["bound"],
-            "-" if need is None else str(need),
+            f"{nodes} CPU node(s)" if nodes else "-" if need is None else str(need),
             r["advice"],
         )
     Console(width=160).print(table)

@@ -70,6 +70,72 @@ def test_bench_plan_measures_and_predicts(small_data, tmp_path):
     assert many.returncode == 2 and "--max-cores 999" in many.stderr
 
 
+def test_a_remote_pool_feeds_a_gpu_until_the_trainer_or_the_gpu_binds():
+    from bench.harness.plan import PoolCosts, advice, cpu_nodes_for, predict_pool
+
+    # 10 ms of pool CPU per image (100 img/s per pool core); the trainer receives 2,000 img/s on a core
+    m = Measured(pool=PoolCosts(pool_cpu_s=0.01, trainer_cpu_s=0.0005, bytes_per_image=600e3, images=64))
+    t = Target(gpus=8, cores_per_node=64, gpu_rate=1000.0, cpu_nodes=2, cores_per_cpu_node=32)
+    r = predict_pool(m, t)  # 64 pool cores for 8 GPUs: 8 each, 800 img/s
+    assert r["pool_cores_per_gpu"] == 8 and r["bound"] == "pool" and r["per_gpu_ips"] == pytest.approx(800)
+    assert r["cpu_nodes_for_95"] == 3  # 950 img/s x 8 GPUs x 10 ms = 76 cores: 3 nodes of 32
+    assert predict_pool(m, t, cpu_nodes=3)["bound"] == "compute" and r["total_ips"] == pytest.approx(6400)
+    assert "3 CPU node(s) of 32 cores" in advice([r], t)[r["loader"]]
+    # a faster GPU: past 2,000 img/s the trainer's receiving binds, and more nodes stop paying
+    fast = Target(gpus=8, cores_per_node=64, gpu_rate=5000.0, cpu_nodes=10, cores_per_cpu_node=32)
+    assert predict_pool(m, fast)["bound"] == "trainer" and predict_pool(m, fast)["per_gpu_ips"] == 2000
+    assert cpu_nodes_for(m, fast) == 5  # 1,900 x 8 x 10 ms = 152 cores
+    assert predict_pool(m, fast, cpu_nodes=50)["per_gpu_ips"] == 2000
+    # a 10 Gbit/s link carries 1.25e9 / 600e3 images/s for the node's 8 GPUs
+    fast.network_gbps = 10.0
+    assert predict_pool(m, fast)["bound"] == "network"
+    assert predict_pool(m, fast)["per_gpu_ips"] == pytest.approx(1.25e9 / 600e3 / 8)
+    # on the CPU the trainer's receiving and the model take turns on its core; the pool decodes apart
+    m.model = Curve([1], [600.0])
+    cpu = Target(gpus=1, cores_per_node=1, cpu_nodes=1, cores_per_cpu_node=1)
+    assert predict_pool(m, cpu)["per_gpu_ips"] == pytest.approx(100) and predict_pool(m, cpu)["bound"] == "pool"
+    assert predict_pool(m, cpu, cpu_nodes=10)["per_gpu_ips"] == pytest.approx(1 / (1 / 600 + 0.0005))
+
+
+def test_pool_flags_are_checked():
+    from argparse import Namespace
+
+    from bench.errors import UsageError
+    from bench.harness.plan import target_from
+
+    base = dict(gpus=1, cores_per_node=16, nodes=1, gpu=None, gpu_rate=3000.0)
+    t = target_from(Namespace(**base, cpu_nodes=4, cores_per_cpu_node=32, network_gbps=25.0), "resnet50")
+    assert (t.cpu_nodes, t.cores_per_cpu_node, t.network_gbps, t.pool_cores_per_gpu) == (4, 32, 25.0, 128)
+    for bad, says in (
+        (dict(cpu_nodes=2, cores_per_cpu_node=0, network_gbps=None), "needs --cores-per-cpu-node"),
+        (dict(cpu_nodes=0, cores_per_cpu_node=8, network_gbps=None), "give --cpu-nodes K too"),
+        (dict(cpu_nodes=-1, cores_per_cpu_node=8, network_gbps=None), "--cpu-nodes must be >= 0"),
+        (dict(cpu_nodes=1, cores_per_cpu_node=8, network_gbps=0.0), "--network-gbps must be > 0"),
+    ):
+        with pytest.raises(UsageError, match=says):
+            target_from(Namespace(**base, **bad), "resnet50")
+
+
+@pytest.mark.slow
+def test_bench_plan_measures_a_ray_pool_and_plans_its_nodes(small_data, tmp_path):
+    pytest.importorskip("ray.data")
+    out = tmp_path / "p"
+    p = bench(
+        "plan", "--data", str(small_data), "--loaders", "torch", "--batch-size", "16", "--image-size", "48",
+        "--model", "resnet50", "--gpu-rate", "3000", "--max-cores", "1", "--steps", "5",
+        "--cpu-nodes", "2", "--cores-per-cpu-node", "8", "--out", str(out), cwd=tmp_path,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    doc = json.loads((out / "plan.json").read_text())
+    pool = doc["measured"]["ray_pool"]
+    assert pool["pool_cpu_s"] > 0 and pool["trainer_cpu_s"] > 0 and pool["images"] > 0
+    assert pool["bytes_per_image"] == 3 * 48 * 48 * 4  # float32 CHW: what crosses to the trainer
+    (row,) = [r for r in doc["predictions"] if r["loader"].startswith("ray pool")]
+    assert row["pool_cores_per_gpu"] == 16 and row["cpu_nodes_for_95"] >= 1
+    assert row["per_gpu_ips"] == pytest.approx(min(row["limits"].values()))
+    assert "ray pool" in p.stdout and "CPU node(s)" in p.stdout
+
+
 def test_a_named_gpu_gives_its_published_rate_and_source():
     from argparse import Namespace
 

@@ -14,6 +14,10 @@ given), and the storage read rate. Then, for G GPUs on a node of C cores (M node
   time to the model's instead: 1 / (1 / loader + cost / GPU rate);
 - the CPU (no GPU rate): the loader and the model share the cores, so their times add up:
   1 / (1 / loader(c) + 1 / model(c)).
+- a pool of K CPU nodes of C cores (`--cpu-nodes K --cores-per-cpu-node C`: the ray backend on a
+  cluster) decodes for every GPU: per GPU, min(K * C / GPUs / the pool's CPU seconds per image, the
+  trainer's receiving rate, the GPU's rate, the network), both costs measured here on a two-node
+  Ray cluster of this machine from the CPU time of the pool node's processes and of the trainer's.
 
 Between measured core counts the curve is interpolated; beyond the last one it follows the power
 law through the first and the last point (rate ~ cores^a, a <= 1: never better than linear).
@@ -115,10 +119,17 @@ class Target:
     gpu_cost: dict[str, float] = field(default_factory=dict)
     gpu_cost_source: dict[str, str] = field(default_factory=dict)
     serial: dict[str, bool] = field(default_factory=dict)  # loader -> its GPU work is between steps
+    cpu_nodes: int = 0  # a remote decode pool (the ray backend on a cluster): its nodes ...
+    cores_per_cpu_node: int = 0  # ... and their cores
+    network_gbps: float | None = None  # each trainer node's link to the pool (None: not modelled)
 
     @property
     def cores_per_gpu(self) -> float:
         return self.cores_per_node / self.gpus
+
+    @property
+    def pool_cores_per_gpu(self) -> float:
+        return self.cpu_nodes * self.cores_per_cpu_node / (self.gpus * self.nodes)
 
 
 @dataclass
@@ -127,6 +138,20 @@ class Measured:
     model: Curve | None = None
     storage_ips: dict[str, float] = field(default_factory=dict)  # per backend: what its files read at
     seconds: float = 0.0
+    pool: PoolCosts | None = None  # what a Ray pool costs per image (measured with --cpu-nodes)
+
+
+@dataclass
+class PoolCosts:
+    """Per image, measured on a two-node Ray cluster of this machine: CPU seconds on the pool's node
+    (the tasks' decode, augment and collate, its object store and raylet) and on the trainer's (this
+    process and the head: fetching each batch from the pool's node, deserialising, copying), and the
+    bytes a batch carries."""
+
+    pool_cpu_s: float
+    trainer_cpu_s: float
+    bytes_per_image: float
+    images: int  # how many images the costs were measured over
 
 
 def predict(m: Measured, t: Target, loader: str, cores: float | None = None) -> dict:
@@ -171,11 +196,69 @@ def predict(m: Measured, t: Target, loader: str, cores: float | None = None) -> 
     }
 
 
+POOL = "ray pool"  # the remote pool's row among the loaders'
+
+
+def pool_limits(m: Measured, t: Target, cores: float, pool_cores: float, loader_only: bool = False) -> dict:
+    """Images/s per GPU that each part of a remote-pool set-up allows: the pool's share of the CPU
+    nodes, the network, and the trainer (receiving on one core of its own; on the CPU, receiving and
+    the model take turns on its cores) or the GPU."""
+    p = m.pool
+    limits = {"pool": pool_cores / p.pool_cpu_s}
+    receive = min(cores, 1.0) / p.trainer_cpu_s  # Ray's client in the rank: one thread's worth
+    if loader_only:
+        limits["trainer"] = receive
+    elif t.gpu_rate is not None:
+        limits["trainer"] = receive
+        limits["compute"] = t.gpu_rate  # the GPU only trains: no decode of its own
+    else:
+        limits["trainer"] = 1.0 / (1.0 / m.model.at(cores) + p.trainer_cpu_s / min(cores, 1.0))
+    if t.network_gbps:  # one link per trainer node, shared by its GPUs
+        limits["network"] = t.network_gbps * 1e9 / 8 / p.bytes_per_image / t.gpus
+    return limits
+
+
+def cpu_nodes_for(m: Measured, t: Target, cores: float | None = None) -> int | None:
+    """The fewest CPU nodes of the target's size that bring a GPU to 95 % of what the rest allows."""
+    c = t.cores_per_gpu if cores is None else cores
+    rest = min(v for k, v in pool_limits(m, t, c, math.inf).items() if k != "pool")
+    pool_cores = TARGET * rest * m.pool.pool_cpu_s * t.gpus * t.nodes
+    return math.ceil(pool_cores / t.cores_per_cpu_node) if t.cores_per_cpu_node else None
+
+
+def predict_pool(m: Measured, t: Target, cores: float | None = None, cpu_nodes: float | None = None) -> dict:
+    """The ray backend with a pool of CPU nodes decoding for every GPU: images/s per GPU and in all."""
+    c = t.cores_per_gpu if cores is None else cores
+    k = t.cpu_nodes if cpu_nodes is None else cpu_nodes
+    pool_cores = k * t.cores_per_cpu_node / (t.gpus * t.nodes)
+    limits = pool_limits(m, t, c, pool_cores)
+    bound = min(limits, key=limits.get)
+    per = limits[bound]
+    ceiling = t.gpu_rate if t.gpu_rate is not None else limits["trainer"]
+    return {
+        "loader": f"{POOL} ({k:g} x {t.cores_per_cpu_node}-core CPU nodes)",
+        "cores_per_gpu": c,
+        "loader_ips": limits["pool"],
+        "per_gpu_ips": per,
+        "total_ips": per * t.gpus * t.nodes,
+        "fraction_of_ceiling": per / ceiling,
+        "bound": bound,
+        "cores_per_gpu_for_95": None,
+        "cpu_nodes_for_95": cpu_nodes_for(m, t, c),
+        "pool_cores_per_gpu": pool_cores,
+        "limits": limits,
+        "gpu_cost": 1.0,
+    }
+
+
 def advice(rows: list[dict], t: Target) -> dict[str, str]:
     best = max(rows, key=lambda r: r["per_gpu_ips"])
     out = {}
     for r in rows:
         c = r["cores_per_gpu"]
+        if r["loader"].startswith(POOL):
+            out[r["loader"]] = _pool_advice(r, t)
+            continue
         if t.gpu_rate is None:  # the loader and the model take turns on the same cores
             share = r["per_gpu_ips"] / r["loader_ips"]
             say = f"loading takes {share:.0%} of the {c:g} cores' time, the model the rest"
@@ -208,6 +291,20 @@ def advice(rows: list[dict], t: Target) -> dict[str, str]:
                 say += "; the best loader here: more cores per GPU or GPU decode"
             out[r["loader"]] = say
     return out
+
+
+def _pool_advice(r: dict, t: Target) -> str:
+    need, bound = r["cpu_nodes_for_95"], r["bound"]
+    say = {
+        "pool": f"the pool binds: {need} CPU node(s) of {t.cores_per_cpu_node} cores for 95 % of what the rest allows",
+        "trainer": "the trainer's receiving binds: more CPU nodes add nothing; uint8 batches "
+        "(-o device_normalize=true) carry 4x fewer bytes",
+        "compute": f"the GPU binds: {need} CPU node(s) are enough for 95 %; more add nothing",
+        "network": "the network binds: uint8 batches (-o device_normalize=true) carry 4x fewer bytes",
+    }[bound]
+    if not t.network_gbps:
+        say += "; the network is not modelled (--network-gbps)"
+    return say
 
 
 # -- measuring --------------------------------------------------------------------------------------
@@ -311,11 +408,90 @@ def _measure_here(spec, loaders, counts, model_cores, steps, warmup, trials, eve
         m.model = Curve(sorted(rates), [rates[k] for k in sorted(rates)])
 
 
+def pool_costs(spec: RunSpec, source: Path, log=print) -> PoolCosts:
+    """What a Ray pool costs per image, on a Ray cluster of this machine's own: a head with no CPUs
+    beside this process (the trainer's node) and one worker node on the other cores (the pool), as
+    `bench run --ray-address` uses one. One epoch starts the workers; over the next (loader only) the pool's CPU
+    is its node's processes' (raylet, workers: decode, augment, collate, store), the trainer's is this
+    process's and the head's (fetching each batch across nodes, deserialising, copying)."""
+    import psutil
+    import ray
+    from ray.cluster_utils import Cluster
+
+    # Each node on cores of its own, as on two machines (a quarter for the trainer's, at least one);
+    # a node's processes inherit the affinity the process has when the node starts.
+    everything = cpus.allowed()
+    trainer_cores = everything[: max(1, len(everything) // 4)]
+    pool_cores = everything[len(trainer_cores) :] or everything
+    cpus.confine(trainer_cores)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    loader = None
+    try:
+        cpus.confine(pool_cores)
+        node = cluster.add_node(num_cpus=len(pool_cores))
+        cpus.confine(trainer_cores)
+        cluster.wait_for_nodes()
+        pool_pids = {info.process.pid for infos in node.all_processes.values() for info in infos}
+        s = spec.with_loader("ray").with_options(address=cluster.address)
+        loader = build_loader(
+            "ray",
+            source,
+            train=True,
+            drop_last=True,
+            batch_size=spec.batch_size,
+            image_size=spec.image_size,
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+            seed=spec.seed,
+            options=s.options,
+        )
+
+        def cpu_seconds() -> tuple[float, float]:
+            trainer, pool = time.process_time(), 0.0
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    t = proc.cpu_times()
+                    mine = proc.pid in pool_pids or any(p.pid in pool_pids for p in proc.parents())
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                if mine:
+                    pool += t.user + t.system
+                else:
+                    trainer += t.user + t.system
+            return trainer, pool
+
+        loader.set_epoch(0)
+        for _ in loader:  # the workers start and import torch: not a per-image cost
+            pass
+        own0, pool0 = cpu_seconds()
+        images = nbytes = 0
+        loader.set_epoch(1)
+        for x, y in loader:
+            images, nbytes = images + len(y), nbytes + x.element_size() * x.nelement()
+        own1, pool1 = cpu_seconds()
+    finally:
+        if loader is not None:
+            loader.close()
+        ray.shutdown()
+        cluster.shutdown()
+        cpus.confine(everything)
+    if not images or pool1 <= pool0:
+        raise UsageError("bench plan: no CPU time measured on the Ray pool's node")
+    costs = PoolCosts((pool1 - pool0) / images, (own1 - own0) / images, nbytes / images, images)
+    log(
+        f"  ray pool costs: {costs.pool_cpu_s * 1e3:.2f} ms of pool CPU and {costs.trainer_cpu_s * 1e3:.2f} ms "
+        f"of the trainer's per image, {costs.bytes_per_image / 1e3:,.0f} kB per image ({images} images)"
+    )
+    return costs
+
+
 # -- the record and the map -------------------------------------------------------------------------
 
 
 def document(spec: RunSpec, t: Target, m: Measured, command: list[str]) -> dict:
     rows = [predict(m, t, name) for name in m.loaders]
+    if m.pool and t.cpu_nodes:
+        rows.append(predict_pool(m, t))
     say = advice(rows, t)
     for r in rows:
         r["advice"] = say[r["loader"]]
@@ -337,6 +513,7 @@ def document(spec: RunSpec, t: Target, m: Measured, command: list[str]) -> dict:
             "loaders": {k: dataclasses.asdict(v) for k, v in m.loaders.items()},
             "model_on_cpu": dataclasses.asdict(m.model) if m.model else None,
             "storage_ips": m.storage_ips,
+            "ray_pool": dataclasses.asdict(m.pool) if m.pool else None,
             "seconds": m.seconds,
             "machine_cores": len(cpus.allowed()),
         },
@@ -348,12 +525,13 @@ def document(spec: RunSpec, t: Target, m: Measured, command: list[str]) -> dict:
 def measured_from(doc: dict) -> Measured:
     """The measurements a plan.json recorded, to predict again from them."""
     rec = doc["measured"]
-    model = rec.get("model_on_cpu")
+    model, pool = rec.get("model_on_cpu"), rec.get("ray_pool")
     return Measured(
         loaders={k: Curve(**v) for k, v in rec["loaders"].items()},
         model=Curve(**model) if model else None,
         storage_ips=rec["storage_ips"],
         seconds=rec["seconds"],
+        pool=PoolCosts(**pool) if pool else None,
     )
 
 
@@ -419,7 +597,17 @@ def draw(doc: dict, m: Measured, t: Target, path: Path, points: list[dict]) -> P
     # a CPU target is drawn near what was measured; a GPU node out to the ratios real nodes give
     top = max(16, math.ceil(t.cores_per_gpu * 2)) if t.gpu_rate else max(4, math.ceil(t.cores_per_gpu * 2))
     xs = [x / 4 for x in range(2, 4 * top + 1)]
-    fig, ax = plt.subplots(figsize=(8, 5))
+    pool = bool(m.pool and t.cpu_nodes)
+    fig, axes = plt.subplots(1, 2 if pool else 1, figsize=(14 if pool else 8, 5), squeeze=False)
+    ax = axes[0][0]
+    if pool:
+        ax.plot(
+            xs,
+            [predict_pool(m, t, x)["per_gpu_ips"] for x in xs],
+            color="black",
+            label=f"ray + {t.cpu_nodes} x {t.cores_per_cpu_node}-core CPU nodes",
+        )
+        _draw_nodes(axes[0][1], m, t)
     for name in m.loaders:
         line = ax.plot(xs, [predict(m, t, name, x)["per_gpu_ips"] for x in xs], label=name)[0]
         mine = [p for p in points if p["loader"] == name]
@@ -447,6 +635,25 @@ def draw(doc: dict, m: Measured, t: Target, path: Path, points: list[dict]) -> P
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _draw_nodes(ax, m: Measured, t: Target) -> None:
+    """Images/s per GPU against the number of CPU nodes in the pool, at the target's trainer cores."""
+    need = cpu_nodes_for(m, t) or 1
+    top = max(4, 2 * need, 2 * t.cpu_nodes)
+    ks = list(range(0, top + 1))
+    ax.plot(ks, [predict_pool(m, t, cpu_nodes=k)["per_gpu_ips"] for k in ks], "o-", color="black", label="predicted")
+    rest = min(v for k, v in pool_limits(m, t, t.cores_per_gpu, math.inf).items() if k != "pool")
+    ax.axhline(rest, color="grey", ls="--", label=f"what the rest allows: {rest:,.0f} img/s")
+    ax.axvline(need, color="tab:green", ls=":", label=f"{need} node(s): 95 %")
+    ax.axvline(t.cpu_nodes, color="black", ls=":", label=f"asked: {t.cpu_nodes}")
+    ax.set_xlabel(f"CPU nodes of {t.cores_per_cpu_node} cores in the pool ({t.gpus * t.nodes} GPU(s))")
+    ax.set_ylabel("predicted images/s per GPU")
+    ax.set_title("when extra CPU nodes stop paying")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, None)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def target_from(args, model: str) -> Target:
@@ -483,6 +690,19 @@ def target_from(args, model: str) -> Target:
             raise UsageError(f"--gpu-cost {item!r}: the ratio must be > 0")
     if cost and rate is None:
         raise UsageError("--gpu-cost scales a GPU's rate: give --gpu-rate or --gpu too")
+    pool = dict(
+        cpu_nodes=getattr(args, "cpu_nodes", 0) or 0,
+        cores_per_cpu_node=getattr(args, "cores_per_cpu_node", 0) or 0,
+        network_gbps=getattr(args, "network_gbps", None),
+    )
+    if pool["cpu_nodes"] < 0:
+        raise UsageError(f"--cpu-nodes must be >= 0, got {pool['cpu_nodes']}")
+    if pool["cpu_nodes"] and pool["cores_per_cpu_node"] < 1:
+        raise UsageError("--cpu-nodes needs --cores-per-cpu-node C (>= 1): the cores of each CPU node")
+    if not pool["cpu_nodes"] and (pool["cores_per_cpu_node"] or pool["network_gbps"]):
+        raise UsageError("--cores-per-cpu-node and --network-gbps describe a pool: give --cpu-nodes K too")
+    if pool["network_gbps"] is not None and pool["network_gbps"] <= 0:
+        raise UsageError(f"--network-gbps must be > 0, got {pool['network_gbps']}")
     return Target(
         gpus=args.gpus,
         cores_per_node=cores,
@@ -491,6 +711,7 @@ def target_from(args, model: str) -> Target:
         gpu_source=source,
         gpu_cost=cost,
         gpu_cost_source=cost_source,
+        **pool,
     )
 
 
@@ -511,6 +732,8 @@ def plan(
     missing = [n for n in loaders if n not in installed]
     if missing:
         raise UsageError(f"--loaders: {', '.join(missing)} not installed (installed: {', '.join(installed)})")
+    if t.cpu_nodes and "ray" not in installed:
+        raise UsageError("--cpu-nodes: a remote pool is the ray backend's; install the `ray` extra")
     have = len(cpus.allowed())
     max_cores = max_cores or have
     if not 1 <= max_cores <= have:
@@ -520,7 +743,18 @@ def plan(
     log(f"measuring on this machine ({have} cores), 1..{max_cores} core(s):")
     if trials < 1:
         raise UsageError(f"--trials must be >= 1, got {trials}")
-    m = measure_here(spec, loaders, max_cores, t.gpu_rate is None, steps=steps, trials=trials, log=log)
+    # the planner measures this machine's cores: the ray backend starts its own local instance
+    cluster = os.environ.pop("RAY_ADDRESS", None)
+    try:
+        m = measure_here(spec, loaders, max_cores, t.gpu_rate is None, steps=steps, trials=trials, log=log)
+        if t.cpu_nodes:
+            from .runner import resolve_data
+
+            train_dir, _ = resolve_data(spec.with_loader("ray"), progress=False)
+            m.pool = pool_costs(spec, train_dir, log=log)
+    finally:
+        if cluster is not None:
+            os.environ["RAY_ADDRESS"] = cluster
     doc = document(spec, t, m, command)
     doc["measured_points"] = measured_points(measured_dir)
     write_json(out / "plan.json", doc)
