@@ -5,7 +5,11 @@
 #     CPUs), both on the box's 2 cores (--cpus 2);
 #   - disaggregated: the trainer held to core 0 (--cpus 1) with its pool on core 1 (a Ray cluster on
 #     loopback: a head with no CPUs on core 0, one 1-CPU worker node under taskset -c 1), against
-#     local only at the same 1 core (`torch`, 1 worker; `ray`, a local instance of 1 CPU).
+#     local only at the same 1 core (`torch`, 1 worker; `ray`, a local instance of 1 CPU);
+#   - then `bench plan --cpu-nodes 1 --cores-per-cpu-node 1` measures the rates and the pool's costs per
+#     image itself, and scripts/ray-table.py writes OUT/README.md: the table, Ray's overhead per image,
+#     the costs, and the planner's predictions of every configuration against the runs.
+# About 15 minutes for 3 trials on the 2-core box.
 # Stops every Ray process on the machine at the end (`ray stop --force`): run it on a quiet box.
 #   bash scripts/measure-ray.sh [OUT] [TRIALS]
 set -euo pipefail
@@ -35,4 +39,9 @@ for trial in $(seq "$TRIALS"); do
   done
   echo "trial $trial done" >&2
 done
-"$B" report "$OUT" --command "bash $0 $*" --title "Figures: ray (Ray Data tasks) vs torch, local and disaggregated, 2-core CPU"
+"$RAY" stop --force >/dev/null 2>&1 || true  # the plan measures local instances on a quiet box
+mkdir -p "$OUT/plan"
+env -u RAY_ADDRESS "$B" plan --data "$ORIG" --model small --batch-size 64 --image-size 224 --steps 24 \
+  --cores-per-node 1 --cpu-nodes 1 --cores-per-cpu-node 1 --loaders torch,ray --out "$OUT/plan" > "$OUT/plan/plan.txt"
+.venv/bin/python scripts/ray-table.py "$OUT" "bash $0 $*"
+"$B" report "$OUT" --html >/dev/null
