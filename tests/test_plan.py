@@ -129,7 +129,8 @@ def test_bench_plan_measures_a_ray_pool_and_plans_its_nodes(small_data, tmp_path
     doc = json.loads((out / "plan.json").read_text())
     pool = doc["measured"]["ray_pool"]
     assert pool["pool_cpu_s"] > 0 and pool["trainer_cpu_s"] > 0 and pool["images"] > 0
-    assert pool["bytes_per_image"] == 3 * 48 * 48 * 4  # float32 CHW: what crosses to the trainer
+    # a GPU target: uint8 CHW batches cross to the trainer (its GPU normalises them)
+    assert pool["bytes_per_image"] == 3 * 48 * 48 and pool["batches"] == "uint8"
     (row,) = [r for r in doc["predictions"] if r["loader"].startswith("ray pool")]
     assert row["pool_cores_per_gpu"] == 16 and row["cpu_nodes_for_95"] >= 1
     assert row["per_gpu_ips"] == pytest.approx(min(row["limits"].values()))

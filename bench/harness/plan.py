@@ -152,6 +152,7 @@ class PoolCosts:
     trainer_cpu_s: float
     bytes_per_image: float
     images: int  # how many images the costs were measured over
+    batches: str = "float32"  # what the tasks sent: float32 normalised, or uint8 (normalised on the device)
 
 
 def predict(m: Measured, t: Target, loader: str, cores: float | None = None) -> dict:
@@ -251,13 +252,13 @@ def predict_pool(m: Measured, t: Target, cores: float | None = None, cpu_nodes: 
     }
 
 
-def advice(rows: list[dict], t: Target) -> dict[str, str]:
+def advice(rows: list[dict], t: Target, batches: str = "float32") -> dict[str, str]:
     best = max(rows, key=lambda r: r["per_gpu_ips"])
     out = {}
     for r in rows:
         c = r["cores_per_gpu"]
         if r["loader"].startswith(POOL):
-            out[r["loader"]] = _pool_advice(r, t)
+            out[r["loader"]] = _pool_advice(r, t, batches)
             continue
         if t.gpu_rate is None:  # the loader and the model take turns on the same cores
             share = r["per_gpu_ips"] / r["loader_ips"]
@@ -293,14 +294,15 @@ def advice(rows: list[dict], t: Target) -> dict[str, str]:
     return out
 
 
-def _pool_advice(r: dict, t: Target) -> str:
+def _pool_advice(r: dict, t: Target, batches: str) -> str:
     need, bound = r["cpu_nodes_for_95"], r["bound"]
+    smaller = "; uint8 batches (-o device_normalize=true) carry 4x fewer bytes" if batches == "float32" else ""
     say = {
         "pool": f"the pool binds: {need} CPU node(s) of {t.cores_per_cpu_node} cores for 95 % of what the rest allows",
-        "trainer": "the trainer's receiving binds: more CPU nodes add nothing; uint8 batches "
-        "(-o device_normalize=true) carry 4x fewer bytes",
+        "trainer": "the trainer's receiving binds (its raylet and Ray client on one core): more CPU nodes add "
+        "nothing" + smaller,
         "compute": f"the GPU binds: {need} CPU node(s) are enough for 95 %; more add nothing",
-        "network": "the network binds: uint8 batches (-o device_normalize=true) carry 4x fewer bytes",
+        "network": "the network binds" + (smaller or ": a faster link"),
     }[bound]
     if not t.network_gbps:
         say += "; the network is not modelled (--network-gbps)"
@@ -408,12 +410,13 @@ def _measure_here(spec, loaders, counts, model_cores, steps, warmup, trials, eve
         m.model = Curve(sorted(rates), [rates[k] for k in sorted(rates)])
 
 
-def pool_costs(spec: RunSpec, source: Path, log=print) -> PoolCosts:
+def pool_costs(spec: RunSpec, source: Path, uint8: bool = False, log=print) -> PoolCosts:
     """What a Ray pool costs per image, on a Ray cluster of this machine's own: a head with no CPUs
     beside this process (the trainer's node) and one worker node on the other cores (the pool), as
     `bench run --ray-address` uses one. One epoch starts the workers; over the next (loader only) the pool's CPU
     is its node's processes' (raylet, workers: decode, augment, collate, store), the trainer's is this
-    process's and the head's (fetching each batch across nodes, deserialising, copying)."""
+    process's and the head's (fetching each batch across nodes, deserialising, copying). ``uint8``:
+    the tasks send uint8 batches that the trainer's device normalises, a quarter of float32's bytes."""
     import psutil
     import ray
     from ray.cluster_utils import Cluster
@@ -432,7 +435,7 @@ def pool_costs(spec: RunSpec, source: Path, log=print) -> PoolCosts:
         cpus.confine(trainer_cores)
         cluster.wait_for_nodes()
         pool_pids = {info.process.pid for infos in node.all_processes.values() for info in infos}
-        s = spec.with_loader("ray").with_options(address=cluster.address)
+        s = spec.with_loader("ray").with_options(address=cluster.address, device_normalize=uint8)
         loader = build_loader(
             "ray",
             source,
@@ -467,7 +470,8 @@ def pool_costs(spec: RunSpec, source: Path, log=print) -> PoolCosts:
         images = nbytes = 0
         loader.set_epoch(1)
         for x, y in loader:
-            images, nbytes = images + len(y), nbytes + x.element_size() * x.nelement()
+            # the batch as the tasks sent it: uint8, or float32 (what the loader yields may be normalised since)
+            images, nbytes = images + len(y), nbytes + x.nelement() * (1 if uint8 else 4)
         own1, pool1 = cpu_seconds()
     finally:
         if loader is not None:
@@ -477,10 +481,12 @@ def pool_costs(spec: RunSpec, source: Path, log=print) -> PoolCosts:
         cpus.confine(everything)
     if not images or pool1 <= pool0:
         raise UsageError("bench plan: no CPU time measured on the Ray pool's node")
-    costs = PoolCosts((pool1 - pool0) / images, (own1 - own0) / images, nbytes / images, images)
+    kind = "uint8" if uint8 else "float32"
+    costs = PoolCosts((pool1 - pool0) / images, (own1 - own0) / images, nbytes / images, images, kind)
     log(
         f"  ray pool costs: {costs.pool_cpu_s * 1e3:.2f} ms of pool CPU and {costs.trainer_cpu_s * 1e3:.2f} ms "
-        f"of the trainer's per image, {costs.bytes_per_image / 1e3:,.0f} kB per image ({images} images)"
+        f"of the trainer's per image, {costs.bytes_per_image / 1e3:,.0f} kB per image ({kind} batches, "
+        f"{images} images)"
     )
     return costs
 
@@ -492,7 +498,7 @@ def document(spec: RunSpec, t: Target, m: Measured, command: list[str]) -> dict:
     rows = [predict(m, t, name) for name in m.loaders]
     if m.pool and t.cpu_nodes:
         rows.append(predict_pool(m, t))
-    say = advice(rows, t)
+    say = advice(rows, t, m.pool.batches if m.pool else "float32")
     for r in rows:
         r["advice"] = say[r["loader"]]
     return {
@@ -751,7 +757,8 @@ def plan(
             from .runner import resolve_data
 
             train_dir, _ = resolve_data(spec.with_loader("ray"), progress=False)
-            m.pool = pool_costs(spec, train_dir, log=log)
+            # a GPU normalises uint8 batches itself (as tuned torch does): a quarter of the bytes to move
+            m.pool = pool_costs(spec, train_dir, uint8=t.gpu_rate is not None, log=log)
     finally:
         if cluster is not None:
             os.environ["RAY_ADDRESS"] = cluster
