@@ -5,7 +5,7 @@
 # Trial counts are cut to fit about an hour on a 2-core box. Estimated minutes per script, from the
 # timestamps of the committed results scaled to these trial counts: foundation 8, dali 3, ffcv 7,
 # wds 4, ladder + tune + doctor 10, limit 7, plan 4, sharding 4, harness 6, resume 5 (timed in this
-# chain at 2 trials: 9 min, 2026-12-02): about 58. --with-regimes adds the storage regimes at 1
+# chain at 2 trials: 9 min, 2026-12-02), ray 8 (3 trials took 11.5 min alone, 2026-12-05): about 66. --with-regimes adds the storage regimes at 1
 # trial (about 28 more). Only the resume step has been timed as part of the chain so far.
 # Each script's wall time goes to ROOT/durations.md; every folder gets its index.html; then
 # `bench report --check ROOT` says which folders are current.
@@ -25,6 +25,7 @@ steps=(
   "sharding-cpu|bash scripts/measure-sharding.sh $ROOT/sharding-cpu resnet50 1"
   "resume-cpu|bash scripts/measure-resume.sh $ROOT/resume-cpu 1"
   "harness-timing|bash scripts/measure-harness.sh $ROOT/harness-timing 2"
+  "ray-cpu|bash scripts/measure-ray.sh $ROOT/ray-cpu 2"
 )
 [ "${2:-}" = "--with-regimes" ] && steps+=("regimes-cpu|bash scripts/measure-regimes.sh $ROOT/regimes-cpu 1")
 echo "| script | minutes | exit |" > "$ROOT/durations.md"; echo "|---|---|---|" >> "$ROOT/durations.md"
