@@ -153,7 +153,9 @@ def connect(opts: Options) -> str:
                         "(--cpus); a local Ray instance runs on them (join a cluster with --ray-address)"
                     )
                 # Ray's notice that its default token authentication is on: our own instance keeps it
-                logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+                logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+                    logging.ERROR
+                )
                 ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
                 _SESSION.update(ours=True, where=f"local Ray instance of {cpus} CPU(s)")
                 atexit.register(_shutdown)

@@ -70,7 +70,9 @@ def main(out: Path, command: str) -> None:
         "|---|---|---|",
     ]
     for label in CONFIGS:
-        lines.append(f"| {label} | {cell(runs.get((label, 'loader'), []))} | {cell(runs.get((label, 'e2e'), []))} |")
+        lines.append(
+            f"| {label} | {cell(runs.get((label, 'loader'), []))} | {cell(runs.get((label, 'e2e'), []))} |"
+        )
 
     def ratio(a: str, b: str, mode: str) -> str:
         return f"{med[(a, mode)] / med[(b, mode)]:.2f}x" if (a, mode) in med and (b, mode) in med else "-"

@@ -93,7 +93,9 @@ def test_a_remote_pool_feeds_a_gpu_until_the_trainer_or_the_gpu_binds():
     # on the CPU the trainer's receiving and the model take turns on its core; the pool decodes apart
     m.model = Curve([1], [600.0])
     cpu = Target(gpus=1, cores_per_node=1, cpu_nodes=1, cores_per_cpu_node=1)
-    assert predict_pool(m, cpu)["per_gpu_ips"] == pytest.approx(100) and predict_pool(m, cpu)["bound"] == "pool"
+    assert (
+        predict_pool(m, cpu)["per_gpu_ips"] == pytest.approx(100) and predict_pool(m, cpu)["bound"] == "pool"
+    )
     assert predict_pool(m, cpu, cpu_nodes=10)["per_gpu_ips"] == pytest.approx(1 / (1 / 600 + 0.0005))
 
 

@@ -296,7 +296,9 @@ def advice(rows: list[dict], t: Target, batches: str = "float32") -> dict[str, s
 
 def _pool_advice(r: dict, t: Target, batches: str) -> str:
     need, bound = r["cpu_nodes_for_95"], r["bound"]
-    smaller = "; uint8 batches (-o device_normalize=true) carry 4x fewer bytes" if batches == "float32" else ""
+    smaller = (
+        "; uint8 batches (-o device_normalize=true) carry 4x fewer bytes" if batches == "float32" else ""
+    )
     say = {
         "pool": f"the pool binds: {need} CPU node(s) of {t.cores_per_cpu_node} cores for 95 % of what the rest allows",
         "trainer": "the trainer's receiving binds (its raylet and Ray client on one core): more CPU nodes add "
@@ -648,7 +650,13 @@ def _draw_nodes(ax, m: Measured, t: Target) -> None:
     need = cpu_nodes_for(m, t) or 1
     top = max(4, 2 * need, 2 * t.cpu_nodes)
     ks = list(range(0, top + 1))
-    ax.plot(ks, [predict_pool(m, t, cpu_nodes=k)["per_gpu_ips"] for k in ks], "o-", color="black", label="predicted")
+    ax.plot(
+        ks,
+        [predict_pool(m, t, cpu_nodes=k)["per_gpu_ips"] for k in ks],
+        "o-",
+        color="black",
+        label="predicted",
+    )
     rest = min(v for k, v in pool_limits(m, t, t.cores_per_gpu, math.inf).items() if k != "pool")
     ax.axhline(rest, color="grey", ls="--", label=f"what the rest allows: {rest:,.0f} img/s")
     ax.axvline(need, color="tab:green", ls=":", label=f"{need} node(s): 95 %")
