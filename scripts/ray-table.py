@@ -31,7 +31,7 @@ def cell(v: list[float]) -> str:
 def predicted(m: plan.Measured, t: plan.Target, label: str, mode: str) -> float:
     loader, cores, pool = CONFIGS[label]
     if pool:
-        limits = plan.pool_limits(m, t, cores, pool, loader_only=mode == "loader")
+        limits = plan.pool_limits(m, t, cores, pool / t.cores_per_cpu_node, loader_only=mode == "loader")
         return min(limits.values())
     if mode == "loader":
         return m.loaders[loader].at(cores)
@@ -99,22 +99,26 @@ def main(out: Path, command: str) -> None:
         f"local `torch`; loader only {ratio('ray pool on core 1, trainer on core 0', 'ray local 1 CPU, 1 core', 'loader')} "
         "and "
         f"{ratio('ray pool on core 1, trainer on core 0', 'torch 1 worker, 1 core', 'loader')}.",
-        f"- **Costs per image** (`bench plan --cpu-nodes`: a two-node Ray cluster of this box, the trainer and "
-        "a head without CPUs on one core, a worker node on the other; CPU time of each side's processes over "
-        f"one epoch of {pool['images']} images after one to start the workers): "
-        f"**{pool['pool_cpu_s'] * 1e3:.2f} ms of pool CPU** (decode, crop, flip, collate, normalise, the "
-        f"task, its node's raylet and object store) and **{pool['trainer_cpu_s'] * 1e3:.2f} ms on the trainer's "
-        "node** (its raylet pulling each batch from the pool's node, this process deserialising and copying "
-        "it: the transfer cost from pool to trainer), "
-        f"{pool['bytes_per_image'] / 1e3:,.0f} kB per image (float32 CHW; `-o device_normalize=true` sends "
-        "uint8, a quarter).",
+        f"- **Costs** (`bench plan --cpu-nodes`: a two-node Ray cluster of this box, the trainer and a head "
+        "without CPUs on one core, a worker node on the other; CPU time of each side's processes over two "
+        f"epochs of {pool['images']} images after one to start the workers, the second with a pause after "
+        "each batch, which splits each side's CPU into a part per image and cores busy whatever the rate): "
+        f"**{pool['pool_cpu_s'] * 1e3:.2f} ms of pool CPU per image** (decode, crop, flip, collate, "
+        f"normalise, the task, its node's raylet and object store; +{pool.get('pool_background', 0):.2f} core) "
+        f"and **{pool['trainer_cpu_s'] * 1e3:.2f} ms on the trainer's node** (its raylet pulling each batch "
+        "from the pool's node, this process deserialising and copying it: the transfer cost from pool to "
+        f"trainer; +{pool.get('trainer_background', 0):.2f} core), {pool['bytes_per_image'] / 1e3:,.0f} kB "
+        f"per image ({pool.get('batches', 'float32')}). By process (ms per image, background cores): "
+        + "; ".join(f"{k} {v[0]:.2f} ms, {v[1]:.2f}" for k, v in pool.get("detail", {}).items())
+        + ".",
         "",
         "## The planner against these runs",
         "",
         "The plan above measured each loader alone at 1 and 2 cores, the model alone, and the pool's costs; "
         "it predicts local loaders as on any CPU target (the loader and the model take turns on the cores) "
-        "and the pool as min(pool cores / pool CPU per image, the trainer: 1 / (1 / model + its CPU per image)); "
-        "loader only, the trainer's term is 1 / its CPU per image. Error = (predicted - measured) / measured.",
+        "and the pool as min((pool cores - background) / pool CPU per image, the trainer: (1 - background) / "
+        "(1 / model + its CPU per image)); loader only, the trainer's term is (1 - background) / its CPU per "
+        "image. Error = (predicted - measured) / measured.",
         "",
         "| configuration | mode | predicted img/s | measured (median) | error |",
         "|---|---|---|---|---|",

@@ -99,6 +99,24 @@ def test_a_remote_pool_feeds_a_gpu_until_the_trainer_or_the_gpu_binds():
     assert predict_pool(m, cpu, cpu_nodes=10)["per_gpu_ips"] == pytest.approx(1 / (1 / 600 + 0.0005))
 
 
+def test_a_pool_nodes_background_and_the_trainers_come_off_their_cores():
+    from bench.harness.plan import PoolCosts, per_image_and_background, predict_pool
+
+    # two epochs of 1,000 images: 2 ms per image and 0.25 core busy whatever the rate
+    assert per_image_and_background((1000, 4.0, 3.0), (1000, 12.0, 5.0)) == pytest.approx((0.002, 0.25))
+    assert per_image_and_background((1000, 4.0, 5.0), (1000, 12.0, 3.0)) == (0.005, 0.0)  # noise: per image
+    m = Measured(
+        pool=PoolCosts(0.01, 0.0005, 600e3, 64, pool_background=4.0, trainer_background=0.2),
+        model=Curve([1], [600.0]),
+    )
+    t = Target(gpus=8, cores_per_node=64, gpu_rate=5000.0, cpu_nodes=2, cores_per_cpu_node=32)
+    r = predict_pool(m, t)
+    assert r["limits"]["pool"] == pytest.approx(2 * 28 / 8 / 0.01)  # 28 of each node's 32 cores decode
+    assert r["limits"]["trainer"] == pytest.approx(0.8 / 0.0005)  # 0.8 of its core receives
+    cpu = Target(gpus=1, cores_per_node=1, cpu_nodes=9, cores_per_cpu_node=1)
+    assert predict_pool(m, cpu)["limits"]["trainer"] == pytest.approx(0.8 / (1 / 600 + 0.0005))
+
+
 def test_pool_flags_are_checked():
     from argparse import Namespace
 
@@ -131,6 +149,8 @@ def test_bench_plan_measures_a_ray_pool_and_plans_its_nodes(small_data, tmp_path
     doc = json.loads((out / "plan.json").read_text())
     pool = doc["measured"]["ray_pool"]
     assert pool["pool_cpu_s"] > 0 and pool["trainer_cpu_s"] > 0 and pool["images"] > 0
+    assert pool["pool_background"] >= 0 and pool["trainer_background"] >= 0
+    assert {"pool/raylet", "trainer/raylet", "trainer/this process"} <= set(pool["detail"])
     # a GPU target: uint8 CHW batches cross to the trainer (its GPU normalises them)
     assert pool["bytes_per_image"] == 3 * 48 * 48 and pool["batches"] == "uint8"
     (row,) = [r for r in doc["predictions"] if r["loader"].startswith("ray pool")]

@@ -26,6 +26,7 @@ docs/plan.md has the model, its validation and what it leaves out.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
@@ -143,16 +144,20 @@ class Measured:
 
 @dataclass
 class PoolCosts:
-    """Per image, measured on a two-node Ray cluster of this machine: CPU seconds on the pool's node
-    (the tasks' decode, augment and collate, its object store and raylet) and on the trainer's (this
-    process and the head: fetching each batch from the pool's node, deserialising, copying), and the
-    bytes a batch carries."""
+    """Measured on a two-node Ray cluster of this machine, per side: the pool's node (the tasks' decode,
+    augment and collate, its object store and raylet) and the trainer's (this process and the head:
+    fetching each batch from the pool's node, deserialising, copying). Each side's CPU is split into
+    seconds per image and cores busy whatever the rate (Ray Data's executor loop, the raylets' timers),
+    from two epochs consumed at different rates; and the bytes a batch carries."""
 
-    pool_cpu_s: float
-    trainer_cpu_s: float
+    pool_cpu_s: float  # per image
+    trainer_cpu_s: float  # per image
     bytes_per_image: float
-    images: int  # how many images the costs were measured over
+    images: int  # how many images each measured epoch had
     batches: str = "float32"  # what the tasks sent: float32 normalised, or uint8 (normalised on the device)
+    pool_background: float = 0.0  # cores of a pool node busy while an epoch runs, whatever its rate
+    trainer_background: float = 0.0  # cores of the trainer's node, likewise
+    detail: dict = field(default_factory=dict)  # "side/processes" -> [ms per image, background cores]
 
 
 def predict(m: Measured, t: Target, loader: str, cores: float | None = None) -> dict:
@@ -200,20 +205,20 @@ def predict(m: Measured, t: Target, loader: str, cores: float | None = None) -> 
 POOL = "ray pool"  # the remote pool's row among the loaders'
 
 
-def pool_limits(m: Measured, t: Target, cores: float, pool_cores: float, loader_only: bool = False) -> dict:
+def pool_limits(m: Measured, t: Target, cores: float, cpu_nodes: float, loader_only: bool = False) -> dict:
     """Images/s per GPU that each part of a remote-pool set-up allows: the pool's share of the CPU
-    nodes, the network, and the trainer (receiving on one core of its own; on the CPU, receiving and
-    the model take turns on its cores) or the GPU."""
+    nodes (less each node's background), the network, and the trainer (receiving on one core of its
+    own, less its background; on the CPU, receiving and the model take turns on its cores) or the GPU."""
     p = m.pool
+    pool_cores = cpu_nodes * max(0.0, t.cores_per_cpu_node - p.pool_background) / (t.gpus * t.nodes)
     limits = {"pool": pool_cores / p.pool_cpu_s}
-    receive = min(cores, 1.0) / p.trainer_cpu_s  # Ray's client in the rank: one thread's worth
-    if loader_only:
-        limits["trainer"] = receive
-    elif t.gpu_rate is not None:
-        limits["trainer"] = receive
-        limits["compute"] = t.gpu_rate  # the GPU only trains: no decode of its own
+    core = max(0.0, min(cores, 1.0) - p.trainer_background)  # Ray's client and raylet: one core's worth
+    if loader_only or t.gpu_rate is not None:
+        limits["trainer"] = core / p.trainer_cpu_s
     else:
-        limits["trainer"] = 1.0 / (1.0 / m.model.at(cores) + p.trainer_cpu_s / min(cores, 1.0))
+        limits["trainer"] = core / (min(cores, 1.0) / m.model.at(cores) + p.trainer_cpu_s)
+    if t.gpu_rate is not None and not loader_only:
+        limits["compute"] = t.gpu_rate  # the GPU only trains: no decode of its own
     if t.network_gbps:  # one link per trainer node, shared by its GPUs
         limits["network"] = t.network_gbps * 1e9 / 8 / p.bytes_per_image / t.gpus
     return limits
@@ -223,8 +228,8 @@ def cpu_nodes_for(m: Measured, t: Target, cores: float | None = None) -> int | N
     """The fewest CPU nodes of the target's size that bring a GPU to 95 % of what the rest allows."""
     c = t.cores_per_gpu if cores is None else cores
     rest = min(v for k, v in pool_limits(m, t, c, math.inf).items() if k != "pool")
-    pool_cores = TARGET * rest * m.pool.pool_cpu_s * t.gpus * t.nodes
-    return math.ceil(pool_cores / t.cores_per_cpu_node) if t.cores_per_cpu_node else None
+    per_node = pool_limits(m, t, c, 1)["pool"]  # images/s per GPU that one node adds
+    return math.ceil(TARGET * rest / per_node) if per_node > 0 else None
 
 
 def predict_pool(m: Measured, t: Target, cores: float | None = None, cpu_nodes: float | None = None) -> dict:
@@ -232,7 +237,7 @@ def predict_pool(m: Measured, t: Target, cores: float | None = None, cpu_nodes: 
     c = t.cores_per_gpu if cores is None else cores
     k = t.cpu_nodes if cpu_nodes is None else cpu_nodes
     pool_cores = k * t.cores_per_cpu_node / (t.gpus * t.nodes)
-    limits = pool_limits(m, t, c, pool_cores)
+    limits = pool_limits(m, t, c, k)
     bound = min(limits, key=limits.get)
     per = limits[bound]
     ceiling = t.gpu_rate if t.gpu_rate is not None else limits["trainer"]
@@ -412,12 +417,25 @@ def _measure_here(spec, loaders, counts, model_cores, steps, warmup, trials, eve
         m.model = Curve(sorted(rates), [rates[k] for k in sorted(rates)])
 
 
+def per_image_and_background(fast: tuple, slow: tuple) -> tuple[float, float]:
+    """(CPU seconds per image, cores busy regardless) from two epochs' (images, seconds, CPU seconds):
+    CPU = images x per + seconds x background. Noise that makes either negative: all of it per image."""
+    (n1, s1, a), (n2, s2, b) = fast, slow
+    det = n1 * s2 - n2 * s1
+    if det:
+        per, bg = (a * s2 - b * s1) / det, (b * n1 - a * n2) / det
+        if per > 0 and bg >= 0:
+            return per, bg
+    return a / n1, 0.0
+
+
 def pool_costs(spec: RunSpec, source: Path, uint8: bool = False, log=print) -> PoolCosts:
-    """What a Ray pool costs per image, on a Ray cluster of this machine's own: a head with no CPUs
-    beside this process (the trainer's node) and one worker node on the other cores (the pool), as
-    `bench run --ray-address` uses one. One epoch starts the workers; over the next (loader only) the pool's CPU
-    is its node's processes' (raylet, workers: decode, augment, collate, store), the trainer's is this
-    process's and the head's (fetching each batch across nodes, deserialising, copying). ``uint8``:
+    """What a Ray pool costs, on a Ray cluster of this machine's own: a head with no CPUs beside this
+    process (the trainer's node) and one worker node on the other cores (the pool), as `bench run
+    --ray-address` uses one. One epoch starts the workers; over the next two (loader only, the second
+    with a pause after each batch) the pool's CPU is its node's processes' (raylet, workers: decode,
+    augment, collate, store), the trainer's is this process's and the head's (fetching each batch
+    across nodes, deserialising, copying); the two rates split each into per image and background. ``uint8``:
     the tasks send uint8 batches that the trainer's device normalises, a quarter of float32's bytes."""
     import psutil
     import ray
@@ -451,44 +469,72 @@ def pool_costs(spec: RunSpec, source: Path, uint8: bool = False, log=print) -> P
             options=s.options,
         )
 
-        def cpu_seconds() -> tuple[float, float]:
-            trainer, pool = time.process_time(), 0.0
+        def cpu_seconds() -> collections.Counter:
+            out = collections.Counter({"trainer/this process": time.process_time()})
             for proc in psutil.Process().children(recursive=True):
                 try:
                     t = proc.cpu_times()
-                    mine = proc.pid in pool_pids or any(p.pid in pool_pids for p in proc.parents())
+                    side = (
+                        "pool"
+                        if proc.pid in pool_pids or any(p.pid in pool_pids for p in proc.parents())
+                        else "trainer"
+                    )
+                    kind = "raylet" if proc.name() == "raylet" else "Ray workers and helpers"
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
-                if mine:
-                    pool += t.user + t.system
-                else:
-                    trainer += t.user + t.system
-            return trainer, pool
+                out[f"{side}/{kind}"] += t.user + t.system
+            return out
 
         loader.set_epoch(0)
         for _ in loader:  # the workers start and import torch: not a per-image cost
             pass
-        own0, pool0 = cpu_seconds()
-        images = nbytes = 0
-        loader.set_epoch(1)
-        for x, y in loader:
-            # the batch as the tasks sent it: uint8, or float32 (what the loader yields may be normalised since)
-            images, nbytes = images + len(y), nbytes + x.nelement() * (1 if uint8 else 4)
-        own1, pool1 = cpu_seconds()
+        epochs, pause = [], 0.0  # (images, seconds, CPU seconds by side/processes)
+        for epoch in (1, 2):  # as fast as the batches come, then with a pause after each
+            before, start, images, nbytes = cpu_seconds(), time.perf_counter(), 0, 0
+            loader.set_epoch(epoch)
+            for x, y in loader:
+                # the batch as the tasks sent it: uint8, or float32 (what the loader yields may be normalised since)
+                images, nbytes = images + len(y), nbytes + x.nelement() * (1 if uint8 else 4)
+                time.sleep(pause)
+            seconds, after = time.perf_counter() - start, cpu_seconds()
+            epochs.append((images, seconds, {k: after[k] - before[k] for k in after}))
+            pause = max(0.05, 2 * seconds / max(1, math.ceil(images / spec.batch_size)))  # about 3x longer
     finally:
         if loader is not None:
             loader.close()
         ray.shutdown()
         cluster.shutdown()
         cpus.confine(everything)
-    if not images or pool1 <= pool0:
+    (n1, s1, c1), (n2, s2, c2) = epochs
+    if not n1 or not n2 or sum(v for k, v in c1.items() if k.startswith("pool/")) <= 0:
         raise UsageError("bench plan: no CPU time measured on the Ray pool's node")
+
+    def split(a: float, b: float) -> tuple[float, float]:
+        return per_image_and_background((n1, s1, a), (n2, s2, b))
+
+    detail = {k: split(c1.get(k, 0.0), c2.get(k, 0.0)) for k in sorted(set(c1) | set(c2))}
+    sides = {
+        side: split(
+            sum(v for k, v in c1.items() if k.startswith(side)),
+            sum(v for k, v in c2.items() if k.startswith(side)),
+        )
+        for side in ("pool/", "trainer/")
+    }
     kind = "uint8" if uint8 else "float32"
-    costs = PoolCosts((pool1 - pool0) / images, (own1 - own0) / images, nbytes / images, images, kind)
+    costs = PoolCosts(
+        pool_cpu_s=sides["pool/"][0],
+        trainer_cpu_s=sides["trainer/"][0],
+        bytes_per_image=nbytes / n2,
+        images=n1,
+        batches=kind,
+        pool_background=sides["pool/"][1],
+        trainer_background=sides["trainer/"][1],
+        detail={k: [per * 1e3, bg] for k, (per, bg) in detail.items()},
+    )
     log(
-        f"  ray pool costs: {costs.pool_cpu_s * 1e3:.2f} ms of pool CPU and {costs.trainer_cpu_s * 1e3:.2f} ms "
-        f"of the trainer's per image, {costs.bytes_per_image / 1e3:,.0f} kB per image ({kind} batches, "
-        f"{images} images)"
+        f"  ray pool costs per image: {costs.pool_cpu_s * 1e3:.2f} ms of the pool's CPU (+{costs.pool_background:.2f} "
+        f"core busy), {costs.trainer_cpu_s * 1e3:.2f} ms of the trainer's (+{costs.trainer_background:.2f} core); "
+        f"{costs.bytes_per_image / 1e3:,.0f} kB ({kind}); epochs of {n1} images at {n1 / s1:,.0f} and {n2 / s2:,.0f} img/s"
     )
     return costs
 
