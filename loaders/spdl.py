@@ -1,12 +1,17 @@
 """`spdl` backend: Meta's SPDL (Scalable and Performant Data Loading) over the ImageFolder.
 
 One thread pool instead of worker processes: SPDL's pipeline (source -> decode + augment -> batch ->
-collate -> prefetch sink) runs each stage's tasks on threads, and spdl.io's FFmpeg demux, decode and
-filter graph release the GIL. Each sample is decoded by FFmpeg with its crop, scale and flip in the
-decoder's filter graph; the crop box and flip are drawn with the same seeded RNG calls as the torch
-backend (so the augmentation distribution is torchvision's, sample for sample), eval resizes and
-centre-crops to torchvision's sizes. FFmpeg conceals a truncated JPEG by default: ``err_detect=explode``
-makes it an error, reported under the bad-sample policy naming the file.
+collate -> prefetch sink) runs each stage's tasks on threads. The decode stage is any function that
+releases the GIL (``decode``):
+
+- ``ffmpeg``: spdl.io's FFmpeg demux and decode with the crop, scale and flip in the decoder's
+  filter graph; the crop box and flip are drawn with the same seeded RNG calls as the torch backend
+  (so the augmentation distribution is torchvision's, sample for sample), eval resizes and
+  centre-crops to torchvision's sizes. FFmpeg conceals a truncated JPEG by default:
+  ``err_detect=explode`` makes it an error, reported under the bad-sample policy naming the file.
+- ``cpu`` / ``pil``: the torch backend's per-sample code (loaders/images.py: libjpeg-turbo through
+  torchvision.io, or PIL, then the seeded crop and flip on the tensor): the same pixels as torch,
+  decoded on SPDL's threads instead of in worker processes.
 
 Sharding and epochs: ``shard_indices`` per epoch (the permutation and padding every backend shares),
 tasks kept in input order, so a seed gives the same batches whatever the thread count.
@@ -27,7 +32,16 @@ from .contract import (
     scan_imagefolder,
 )
 from .feed import DeviceFeed
-from .images import BadSample, collate_checked, draw_box, read_bytes, transform_for
+from .images import (
+    DECODERS,
+    BadSample,
+    check_decoder,
+    collate_checked,
+    draw_box,
+    read_bytes,
+    sample,
+    transform_for,
+)
 
 
 @dataclass(frozen=True)
@@ -38,6 +52,7 @@ class Options:
     non_blocking: bool | None = None  # None: follow pin_memory
     device_normalize: bool = False  # uint8 batches, normalised on the device
     scale_algo: str = "bilinear"  # FFmpeg swscale filter for the resize (bilinear, bicubic, area...)
+    decode: str = "ffmpeg"  # the decode stage: ffmpeg (filter graph), cpu (torchvision.io), pil
 
 
 class SpdlBackend(Backend):
@@ -73,6 +88,11 @@ class SpdlBackend(Backend):
             raise LoaderError(
                 f"spdl scale_algo must be one of {', '.join(SCALE_ALGOS)}, got {opts.scale_algo!r}"
             )
+        check_decoder(opts.decode, "spdl", ("ffmpeg", *DECODERS))
+        if opts.decode != "ffmpeg" and opts.scale_algo != Options.scale_algo:
+            raise LoaderError(
+                f"spdl scale_algo is FFmpeg's resize filter: it needs decode=ffmpeg, not {opts.decode!r}"
+            )
         if cfg.data is None:
             raise LoaderError("the spdl backend needs data= (an ImageFolder split folder)")
         if objstore.is_url(cfg.data):
@@ -81,6 +101,11 @@ class SpdlBackend(Backend):
 
 
 SCALE_ALGOS = ("fast_bilinear", "bilinear", "bicubic", "area", "lanczos")
+_DECODE_NAMES = {
+    "ffmpeg": "FFmpeg via spdl.io, crop/scale/flip in its filter graph",
+    "cpu": "torchvision.io/libjpeg-turbo, tensor crop/flip",
+    "pil": "PIL, tensor crop/flip",
+}
 
 
 def _libspdl_loads() -> bool:
@@ -114,14 +139,15 @@ class SpdlLoader(BaseLoader):
         super().__init__(cfg, *rank_share(len(index), cfg, cfg.data), index.classes, split_size=len(index))
         self.options, self.index = opts, index
         self.threads = opts.num_threads or available_cores()
-        self._transform = transform_for(cfg, float_in_workers=not opts.device_normalize)
+        decoder = "cpu" if opts.decode == "ffmpeg" else opts.decode
+        self._transform = transform_for(cfg, float_in_workers=not opts.device_normalize, decoder=decoder)
         self._feed = DeviceFeed.for_options(cfg, opts)
         self._running = None  # the epoch's generator, closed by close()
 
     def describe(self) -> dict:
         return {
             **super().describe(),
-            "decode": f"cpu (FFmpeg via spdl.io) on {self.threads} threads",
+            "decode": f"cpu ({_DECODE_NAMES[self.options.decode]}) on {self.threads} SPDL threads",
             "normalize": "device" if self.options.device_normalize else "pipeline thread",
             "pin_memory_effective": self.options.pin_memory and self.config.device.type == "cuda",
         }
@@ -130,6 +156,8 @@ class SpdlLoader(BaseLoader):
         import spdl.io
 
         cfg, where = self.config, str(self.index.paths[i])
+        if self.options.decode != "ffmpeg":  # the torch backend's per-sample code, on this thread
+            return sample(self._transform, where, where, int(self.index.labels[i]), cfg.seed, self.epoch, i)
         try:
             packets = spdl.io.demux_image(read_bytes(where))
             height, width = packets.height, packets.width

@@ -1,5 +1,6 @@
 """The spdl backend beyond the conformance suite: its crops are the torch backend's (same seeded
-draws, FFmpeg's scaler instead of torchvision's), thread counts change speed only, a failing stage is
+draws, FFmpeg's scaler instead of torchvision's; with decode=cpu|pil the very same pixels), thread
+counts change speed only, a failing stage is
 an error (SPDL drops failed items by default), and close() joins the pipeline's threads."""
 
 from __future__ import annotations
@@ -36,6 +37,16 @@ def test_images_are_the_torch_backends_crops(train, small_data):
     other = (xt - xs.roll(1, 0)).abs().mean(dim=(1, 2, 3))
     assert same.max() < 0.3, same
     assert other.mean() > 2 * same.max(), (same, other)
+
+
+@pytest.mark.parametrize("decode", ["cpu", "pil"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_a_torch_decode_stage_gives_the_torch_backends_pixels(decode, train, small_data):
+    """decode=cpu|pil runs the torch backend's per-sample code on SPDL's threads: equal pixels."""
+    split = small_data / ("train" if train else "val")
+    xt, yt = first_batch("torch", split, train=train, decode=decode, num_workers=0)
+    xs, ys = first_batch("spdl", split, train=train, decode=decode, num_threads=2)
+    assert torch.equal(yt, ys) and torch.equal(xt, xs)
 
 
 def test_thread_count_changes_speed_only(small_data):
@@ -85,6 +96,11 @@ def test_close_joins_the_pipeline_threads(small_data):
         (dict(num_threads=0), "num_threads must be >= 1"),
         (dict(prefetch=0), "prefetch must be >= 1"),
         (dict(scale_algo="nearest-ish"), "scale_algo must be one of"),
+        (dict(decode="nvjpeg"), "decode must be one of ffmpeg, cpu, pil"),
+        (
+            dict(decode="cpu", scale_algo="area"),
+            "scale_algo is FFmpeg's resize filter: it needs decode=ffmpeg",
+        ),
     ],
 )
 def test_impossible_options_are_refused(opts, says, small_data):
