@@ -429,6 +429,24 @@ def per_image_and_background(fast: tuple, slow: tuple) -> tuple[float, float]:
     return a / n1, 0.0
 
 
+def _settle(wait_s: float = 20.0) -> None:
+    """Wait for the processes of a Ray instance this process shut down (they exit in the background
+    and would take CPU from the measurement)."""
+    import psutil
+
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            alive = [
+                p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE
+            ]
+        except psutil.NoSuchProcess:  # one exited while we looked: look again
+            alive = [None]
+        if not alive:
+            return
+        time.sleep(0.2)
+
+
 def pool_costs(spec: RunSpec, source: Path, uint8: bool = False, log=print) -> PoolCosts:
     """What a Ray pool costs, on a Ray cluster of this machine's own: a head with no CPUs beside this
     process (the trainer's node) and one worker node on the other cores (the pool), as `bench run
@@ -443,6 +461,7 @@ def pool_costs(spec: RunSpec, source: Path, uint8: bool = False, log=print) -> P
 
     # Each node on cores of its own, as on two machines (a quarter for the trainer's, at least one);
     # a node's processes inherit the affinity the process has when the node starts.
+    _settle()
     everything = cpus.allowed()
     trainer_cores = everything[: max(1, len(everything) // 4)]
     pool_cores = everything[len(trainer_cores) :] or everything
@@ -454,7 +473,9 @@ def pool_costs(spec: RunSpec, source: Path, uint8: bool = False, log=print) -> P
         node = cluster.add_node(num_cpus=len(pool_cores))
         cpus.confine(trainer_cores)
         cluster.wait_for_nodes()
-        pool_pids = {info.process.pid for infos in node.all_processes.values() for info in infos}
+        pool_pids, head_pids = (
+            {i.process.pid for v in n.all_processes.values() for i in v} for n in (node, cluster.head_node)
+        )
         s = spec.with_loader("ray").with_options(address=cluster.address, device_normalize=uint8)
         loader = build_loader(
             "ray",
@@ -474,15 +495,13 @@ def pool_costs(spec: RunSpec, source: Path, uint8: bool = False, log=print) -> P
             for proc in psutil.Process().children(recursive=True):
                 try:
                     t = proc.cpu_times()
-                    side = (
-                        "pool"
-                        if proc.pid in pool_pids or any(p.pid in pool_pids for p in proc.parents())
-                        else "trainer"
-                    )
+                    line = {proc.pid, *(p.pid for p in proc.parents())}
                     kind = "raylet" if proc.name() == "raylet" else "Ray workers and helpers"
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
-                out[f"{side}/{kind}"] += t.user + t.system
+                side = "pool" if line & pool_pids else "trainer" if line & head_pids else None
+                if side:  # not a process of an earlier Ray instance still on its way out
+                    out[f"{side}/{kind}"] += t.user + t.system
             return out
 
         loader.set_epoch(0)
