@@ -4,14 +4,15 @@ One thread pool instead of worker processes: SPDL's pipeline (source -> decode +
 collate -> prefetch sink) runs each stage's tasks on threads. The decode stage is any function that
 releases the GIL (``decode``):
 
+- ``cpu`` (the default: the fastest here, reports/spdl-cpu) / ``pil``: the torch backend's
+  per-sample code (loaders/images.py: libjpeg-turbo through torchvision.io, or PIL, then the seeded
+  crop and flip on the tensor): the same pixels as torch, decoded on SPDL's threads instead of in
+  worker processes.
 - ``ffmpeg``: spdl.io's FFmpeg demux and decode with the crop, scale and flip in the decoder's
   filter graph; the crop box and flip are drawn with the same seeded RNG calls as the torch backend
   (so the augmentation distribution is torchvision's, sample for sample), eval resizes and
   centre-crops to torchvision's sizes. FFmpeg conceals a truncated JPEG by default:
   ``err_detect=explode`` makes it an error, reported under the bad-sample policy naming the file.
-- ``cpu`` / ``pil``: the torch backend's per-sample code (loaders/images.py: libjpeg-turbo through
-  torchvision.io, or PIL, then the seeded crop and flip on the tensor): the same pixels as torch,
-  decoded on SPDL's threads instead of in worker processes.
 
 Sharding and epochs: ``shard_indices`` per epoch (the permutation and padding every backend shares),
 tasks kept in input order, so a seed gives the same batches whatever the thread count.
@@ -52,12 +53,14 @@ class Options:
     non_blocking: bool | None = None  # None: follow pin_memory
     device_normalize: bool = False  # uint8 batches, normalised on the device
     scale_algo: str = "bilinear"  # FFmpeg swscale filter for the resize (bilinear, bicubic, area...)
-    decode: str = "ffmpeg"  # the decode stage: ffmpeg (filter graph), cpu (torchvision.io), pil
+    decode: str = "cpu"  # the decode stage: cpu (torchvision.io), pil, ffmpeg (filter graph)
 
 
 class SpdlBackend(Backend):
     name = "spdl"
-    summary = "Meta SPDL: thread pipeline, FFmpeg decode + crop/scale/flip without the GIL"
+    summary = (
+        "Meta SPDL: thread pipeline (no worker processes), libjpeg-turbo or FFmpeg decode on its threads"
+    )
     Options = Options
     requires = ("spdl.io", "spdl.pipeline")
     knobs = {

@@ -69,7 +69,7 @@ def per_sample(decoder: str, split: Path, size: int):
     if decoder == "spdl":
         from loaders.spdl import Options, SpdlLoader
 
-        loader = SpdlLoader(cfg, Options(num_threads=1), index)
+        loader = SpdlLoader(cfg, Options(num_threads=1, decode="ffmpeg"), index)
         return (lambda i: loader._load(i)[0]), index
     raise SystemExit(f"unknown decoder {decoder!r}; known: {', '.join(DECODERS)}")
 

@@ -99,7 +99,8 @@ READERS = [pytest.param(("--workers", "0"), id="torch-w0"), pytest.param(("--wor
 if "dali" in available_backends():
     READERS.append(pytest.param(("--loader", "dali"), id="dali"))
 if "spdl" in available_backends():
-    READERS.append(pytest.param(("--loader", "spdl"), id="spdl"))
+    # its FFmpeg stage (its default decodes as torch does, which the torch readers cover)
+    READERS.append(pytest.param(("--loader", "spdl", "-o", "decode=ffmpeg"), id="spdl-ffmpeg"))
 if "ray" in available_backends():  # joins the suite's Ray cluster (RAY_ADDRESS, tests/conftest.py)
     READERS.append(pytest.param(("--loader", "ray"), id="ray"))
 

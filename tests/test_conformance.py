@@ -24,7 +24,7 @@ VARIANTS = {
     "dali": [dict(num_threads=2), dict(num_threads=2, reader="wds")],
     "ffcv": [dict(num_workers=2)],
     "wds": [dict(num_workers=0), dict(num_workers=2, device_normalize=True)],
-    "spdl": [dict(num_threads=2), dict(num_threads=1, device_normalize=True)],
+    "spdl": [dict(num_threads=2), dict(num_threads=1, device_normalize=True, decode="ffmpeg")],
     "ray": [dict(ray_cpus=2)],
 }
 CASES = [

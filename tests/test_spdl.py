@@ -1,5 +1,5 @@
-"""The spdl backend beyond the conformance suite: its crops are the torch backend's (same seeded
-draws, FFmpeg's scaler instead of torchvision's; with decode=cpu|pil the very same pixels), thread
+"""The spdl backend beyond the conformance suite: its crops are the torch backend's (with decode=cpu,
+the default, or pil the very same pixels; with ffmpeg the same seeded draws and FFmpeg's scaler), thread
 counts change speed only, a failing stage is
 an error (SPDL drops failed items by default), and close() joins the pipeline's threads."""
 
@@ -31,7 +31,8 @@ def test_images_are_the_torch_backends_crops(train, small_data):
     """Per image, spdl's output is far closer to torch's for the same sample than two different
     samples are: the same boxes, flips, resize sizes and offsets (measured: <= 0.17 vs ~0.67)."""
     split = small_data / ("train" if train else "val")
-    (xt, yt), (xs, ys) = first_batch("torch", split, train=train), first_batch("spdl", split, train=train)
+    xt, yt = first_batch("torch", split, train=train)
+    xs, ys = first_batch("spdl", split, train=train, decode="ffmpeg")
     assert torch.equal(yt, ys)
     same = (xt - xs).abs().mean(dim=(1, 2, 3))
     other = (xt - xs.roll(1, 0)).abs().mean(dim=(1, 2, 3))
@@ -49,9 +50,10 @@ def test_a_torch_decode_stage_gives_the_torch_backends_pixels(decode, train, sma
     assert torch.equal(yt, ys) and torch.equal(xt, xs)
 
 
-def test_thread_count_changes_speed_only(small_data):
-    a = first_batch("spdl", small_data / "train", num_threads=1)
-    b = first_batch("spdl", small_data / "train", num_threads=3, prefetch=1)
+@pytest.mark.parametrize("decode", ["cpu", "ffmpeg"])
+def test_thread_count_changes_speed_only(decode, small_data):
+    a = first_batch("spdl", small_data / "train", num_threads=1, decode=decode)
+    b = first_batch("spdl", small_data / "train", num_threads=3, prefetch=1, decode=decode)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
