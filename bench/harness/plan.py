@@ -224,10 +224,15 @@ def pool_limits(m: Measured, t: Target, cores: float, cpu_nodes: float, loader_o
     return limits
 
 
+def beside_pool(m: Measured, t: Target, cores: float) -> float:
+    """Images/s per GPU that everything but the pool allows: what no number of CPU nodes exceeds."""
+    return min(v for k, v in pool_limits(m, t, cores, math.inf).items() if k != "pool")
+
+
 def cpu_nodes_for(m: Measured, t: Target, cores: float | None = None) -> int | None:
     """The fewest CPU nodes of the target's size that bring a GPU to 95 % of what the rest allows."""
     c = t.cores_per_gpu if cores is None else cores
-    rest = min(v for k, v in pool_limits(m, t, c, math.inf).items() if k != "pool")
+    rest = beside_pool(m, t, c)
     per_node = pool_limits(m, t, c, 1)["pool"]  # images/s per GPU that one node adds
     return math.ceil(TARGET * rest / per_node) if per_node > 0 else None
 
@@ -236,7 +241,6 @@ def predict_pool(m: Measured, t: Target, cores: float | None = None, cpu_nodes: 
     """The ray backend with a pool of CPU nodes decoding for every GPU: images/s per GPU and in all."""
     c = t.cores_per_gpu if cores is None else cores
     k = t.cpu_nodes if cpu_nodes is None else cpu_nodes
-    pool_cores = k * t.cores_per_cpu_node / (t.gpus * t.nodes)
     limits = pool_limits(m, t, c, k)
     bound = min(limits, key=limits.get)
     per = limits[bound]
@@ -251,7 +255,7 @@ def predict_pool(m: Measured, t: Target, cores: float | None = None, cpu_nodes: 
         "bound": bound,
         "cores_per_gpu_for_95": None,
         "cpu_nodes_for_95": cpu_nodes_for(m, t, c),
-        "pool_cores_per_gpu": pool_cores,
+        "pool_cores_per_gpu": dataclasses.replace(t, cpu_nodes=k).pool_cores_per_gpu,
         "limits": limits,
         "gpu_cost": 1.0,
     }
@@ -319,9 +323,13 @@ def _pool_advice(r: dict, t: Target, batches: str) -> str:
 # -- measuring --------------------------------------------------------------------------------------
 
 
-def _loader_ips(spec: RunSpec, source: Path, steps: int, warmup: int) -> tuple[float, int]:
-    """(images/s after ``warmup`` of ``steps`` batches, the samples the loader reads)."""
-    common = dict(
+def _train_loader(spec: RunSpec, source: Path):
+    """The spec's backend over ``source`` as the planner measures it: one rank, on the CPU, training order."""
+    return build_loader(
+        spec.loader,
+        source,
+        train=True,
+        drop_last=True,
         batch_size=spec.batch_size,
         image_size=spec.image_size,
         device=torch.device("cpu"),
@@ -331,7 +339,11 @@ def _loader_ips(spec: RunSpec, source: Path, steps: int, warmup: int) -> tuple[f
         world_size=1,
         options=spec.options,
     )
-    loader = build_loader(spec.loader, source, train=True, drop_last=True, **common)
+
+
+def _loader_ips(spec: RunSpec, source: Path, steps: int, warmup: int) -> tuple[float, int]:
+    """(images/s after ``warmup`` of ``steps`` batches, the samples the loader reads)."""
+    loader = _train_loader(spec, source)
     try:
         epochs = math.ceil(steps / len(loader))
         cfg = TrainConfig(epochs=epochs, max_steps=steps, warmup_steps=warmup)
@@ -476,18 +488,8 @@ def pool_costs(spec: RunSpec, source: Path, uint8: bool = False, log=print) -> P
         pool_pids, head_pids = (
             {i.process.pid for v in n.all_processes.values() for i in v} for n in (node, cluster.head_node)
         )
-        s = spec.with_loader("ray").with_options(address=cluster.address, device_normalize=uint8)
-        loader = build_loader(
-            "ray",
-            source,
-            train=True,
-            drop_last=True,
-            batch_size=spec.batch_size,
-            image_size=spec.image_size,
-            device=torch.device("cpu"),
-            dtype=torch.float32,
-            seed=spec.seed,
-            options=s.options,
+        loader = _train_loader(
+            spec.with_loader("ray").with_options(address=cluster.address, device_normalize=uint8), source
         )
 
         def cpu_seconds() -> collections.Counter:
@@ -722,7 +724,7 @@ def _draw_nodes(ax, m: Measured, t: Target) -> None:
         color="black",
         label="predicted",
     )
-    rest = min(v for k, v in pool_limits(m, t, t.cores_per_gpu, math.inf).items() if k != "pool")
+    rest = beside_pool(m, t, t.cores_per_gpu)
     ax.axhline(rest, color="grey", ls="--", label=f"what the rest allows: {rest:,.0f} img/s")
     ax.axvline(need, color="tab:green", ls=":", label=f"{need} node(s): 95 %")
     ax.axvline(t.cpu_nodes, color="black", ls=":", label=f"asked: {t.cpu_nodes}")
