@@ -25,6 +25,8 @@ BUILTIN = (
     "loaders.wds:WdsBackend",
     "loaders.spdl:SpdlBackend",
     "loaders.raydata:RayBackend",
+    "loaders.lit:LitBackend",
+    "loaders.mosaic:MosaicBackend",
 )
 
 BACKENDS: dict[str, Backend] = {}

@@ -5,8 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-quiet_pip() {  # pip's local-index warnings are noise; keep its errors
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither" >&2)
+quiet_pip() {  # pip's local-index warnings are noise, as is its list of mosaicml-streaming's own pins
+  # (installed without them on purpose, below); keep its errors
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@" 2> >(grep -v -e "is ignored: it is neither" \
+    -e "^mosaicml-streaming .* requires " -e "dependency resolver does not currently take into account" >&2)
 }
 # A fresh install needs about 7 GiB (torch's CUDA build is 5.5 GiB of it): say so before pip half-fills
 # the disk and stops with "No space left on device" inside a torch half installed.
@@ -32,7 +34,13 @@ fi
 # Backends whose libraries install from PyPI alone: dali (CPU pipeline without CUDA, ~600 MB), wds;
 # s3: boto3 and moto's loopback S3 server for --storage s3; lightning for loaders.lightning;
 # ray: Ray Data (about 200 MB with pyarrow) for the ray backend.
-quiet_pip -e ".[dev,dali,wds,s3,spdl,lightning,ray]"
+# litdata and mosaic: the streaming formats (LitData chunks, Mosaic MDS shards).
+quiet_pip -e ".[dev,dali,wds,s3,spdl,lightning,ray,litdata,mosaic]"
+# mosaicml-streaming 0.13.0 pins numpy<2.2 (and pulls cloud SDKs it imports only on use): installed
+# without its dependencies; the ones it imports come from the mosaic extra above.
+if ! .venv/bin/python -c "import streaming" 2>/dev/null; then
+  quiet_pip --no-deps "mosaicml-streaming==0.13.0"
+fi
 # spdl.io decodes with the system's FFmpeg (libavcodec 4-9 + libavfilter, libavdevice): Debian's ffmpeg.
 apt_install() {
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

@@ -101,6 +101,9 @@ if "dali" in available_backends():
 if "spdl" in available_backends():
     # its FFmpeg stage (its default decodes as torch does, which the torch readers cover)
     READERS.append(pytest.param(("--loader", "spdl", "-o", "decode=ffmpeg"), id="spdl-ffmpeg"))
+for name in ("litdata", "mosaic"):  # converted first: the damaged bytes are stored as they are
+    if name in available_backends():
+        READERS.append(pytest.param(("--loader", name), id=name))
 if "ray" in available_backends():  # joins the suite's Ray cluster (RAY_ADDRESS, tests/conftest.py)
     READERS.append(pytest.param(("--loader", "ray"), id="ray"))
 

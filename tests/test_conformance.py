@@ -26,6 +26,8 @@ VARIANTS = {
     "wds": [dict(num_workers=0), dict(num_workers=2, device_normalize=True)],
     "spdl": [dict(num_threads=2), dict(num_threads=1, device_normalize=True, decode="ffmpeg")],
     "ray": [dict(ray_cpus=2)],
+    "litdata": [dict(num_workers=2)],
+    "mosaic": [dict(num_workers=2)],
 }
 CASES = [
     pytest.param(name, opts, id=f"{name}-{'-'.join(f'{k}={v}' for k, v in opts.items()) or 'default'}")

@@ -574,7 +574,7 @@ def medium_data(tmp_path_factory):
     return out
 
 
-CONVERSIONS = ["synth"] + [t for t in ("wds", "ffcv") if t in DATA_READERS]
+CONVERSIONS = ["synth"] + [t for t in ("wds", "ffcv", "litdata", "mosaic") if t in DATA_READERS]
 
 
 def _convert_args(kind: str, data: Path, out: Path) -> list[str]:

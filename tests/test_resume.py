@@ -34,6 +34,8 @@ CASES = [
         ("wds", {}),
         ("spdl", {}),
         ("ray", {}),
+        ("litdata", {}),
+        ("mosaic", {}),
         ("toy", {}),
         ("synthetic", {}),
     ]

@@ -128,6 +128,7 @@ class Probe:
         staging = [lo.describe().get("staged") for lo in loaders if lo is not None]
         staging = [s for s in staging if s]
         if staging:
-            self.record["staging_s"] = round(sum(s["staging_s"] for s in staging), 3)
+            # None where the library fetches inside the read (litdata, mosaic): its time is the run's
+            self.record["staging_s"] = round(sum(s.get("staging_s") or 0 for s in staging), 3)
             self.record["staged_bytes"] = sum(s["staged_bytes"] for s in staging)
         return self.record
