@@ -71,7 +71,7 @@ class LitFormat(Format):
 
 class LitBackend(StreamedBackend):
     name = "litdata"
-    summary = "LitData: optimize()d chunks (converted once from the ImageFolder), read by StreamingDataset"
+    summary = "LitData: chunks from its BinaryWriter (converted once from the ImageFolder), read by StreamingDataset"
     requires = ("litdata",)
     stored_format = "LitData chunks"
     fmt = LitFormat()

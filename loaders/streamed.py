@@ -369,7 +369,10 @@ class StreamedLoader(BaseLoader):
             format=f"{self.fmt.kind} ({self.fmt.version()})",
             location=self.location,
             order="the contract's: permutation of seed + epoch, strided by rank (the library's shuffle is not used)",
-            storage={k: self.manifest[k] for k in ("samples", "bytes", "mean_bytes", "chunk_mb", "source")},
+            storage={
+                **{k: self.manifest[k] for k in ("samples", "bytes", "mean_bytes", "chunk_mb", "source")},
+                "files": len(self.manifest["files"]),
+            },
         )
         if self.cache is not None:
             d["staged"] = {
