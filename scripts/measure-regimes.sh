@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The storage regimes table: torch, dali (files; dali-wds: its webdataset reader over the shards),
-# ffcv, wds x (warm, cold, s3 at 0, 10 and 50 ms first-byte latency), loader only and end to end
+# ffcv, wds, litdata, mosaic x (warm, cold, s3 at 0, 10 and 50 ms first-byte latency), loader only and end to end
 # (small CNN, no evaluation), default generated set, one epoch (1,600 images: a cold run reads the
 # whole split once), batch 32, 2 workers / threads, 5 warm-up steps. Fresh `bench run` processes;
 # the order of the variants is reversed on even trials. One moto server serves every s3 run (the
 # data uploaded once, as a real bucket holds it); each run puts its own shaper in front of it.
-# Then `bench report` renders it (about 50 minutes for 2 trials on the 2-core box).
+# Then `bench report` renders it (about 50 minutes for 2 trials on the 2-core box before litdata and
+# mosaic were added: expect about 70).
 #   bash scripts/measure-regimes.sh [OUT] [TRIALS] [REPO]   (REPO: a checkout to measure; default here)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,11 +25,13 @@ until curl -s "http://127.0.0.1:$PORT/moto-api/" > /dev/null; do sleep 0.2; done
 # variant -> loader and options (dali-wds: DALI's webdataset reader over the wds shards)
 declare -A OPT=([torch]="--loader torch -o num_workers=2" [dali]="--loader dali -o num_threads=2"
                 [dali-wds]="--loader dali -o num_threads=2 -o reader=wds" [ffcv]="--loader ffcv -o num_workers=2"
-                [wds]="--loader wds -o num_workers=2")
+                [wds]="--loader wds -o num_workers=2" [litdata]="--loader litdata -o num_workers=2"
+                [mosaic]="--loader mosaic -o num_workers=2")
 REGIMES=("--storage warm" "--storage cold" "--storage s3 --s3-latency-ms 0" "--storage s3 --s3-latency-ms 10"
          "--storage s3 --s3-latency-ms 50")
 for t in $(seq "$TRIALS"); do
-  order=(torch dali dali-wds ffcv wds); (( t % 2 )) || order=(wds ffcv dali-wds dali torch)
+  order=(torch dali dali-wds ffcv wds litdata mosaic)
+  (( t % 2 )) || order=(mosaic litdata wds ffcv dali-wds dali torch)
   for regime in "${REGIMES[@]}"; do
     extra=""; [[ $regime == *s3* ]] && extra="--s3-endpoint http://127.0.0.1:$PORT"
     for name in "${order[@]}"; do
