@@ -5,13 +5,13 @@
 # the backends' order reversed on even trials; `synthetic` end to end is the model's ceiling.
 # BEFORE=<commit> adds the torch backend of that commit (a git worktree) as "torch-before".
 # scripts/limit-table.py writes OUT/README.md. About 25 minutes for 3 trials on the 2-core box.
-#   [BEFORE=b8661cf] bash scripts/measure-limit.sh [OUT] [TRIALS]
+#   [BEFORE=b8661cf] [ONLY="torch wds ..."] bash scripts/measure-limit.sh [OUT] [TRIALS]   (ONLY: a subset)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(mkdir -p "${1:-reports/limit-cpu}" && cd "${1:-reports/limit-cpu}" && pwd); TRIALS=${2:-3}
 PY="$PWD/.venv/bin/python"
 DATA=$("$PY" -c "from bench.data.synth import default_dataset; print(default_dataset())")
-LOADERS=$("$PY" -c "from loaders import backends; print(' '.join(b.name for b in backends() if b.installed and not b.is_ceiling))")
+LOADERS=${ONLY:-$("$PY" -c "from loaders import backends; print(' '.join(b.name for b in backends() if b.installed and not b.is_ceiling))")}
 if [ -n "${BEFORE:-}" ]; then
   rm -rf /tmp/limit-before && git worktree add -f --detach /tmp/limit-before "$BEFORE" >/dev/null 2>&1
   LOADERS="$LOADERS torch-before"
@@ -40,4 +40,4 @@ for t in $(seq "$TRIALS"); do
 done
 rm -f "$OUT/.stderr"
 [ -n "${BEFORE:-}" ] && git worktree remove --force /tmp/limit-before
-"$PY" scripts/limit-table.py "$OUT" "${BEFORE:+BEFORE=$BEFORE }bash scripts/measure-limit.sh $*"
+"$PY" scripts/limit-table.py "$OUT" "${BEFORE:+BEFORE=$BEFORE }${ONLY:+ONLY=\"$ONLY\" }bash scripts/measure-limit.sh $*"

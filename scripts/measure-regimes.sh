@@ -7,7 +7,7 @@
 # data uploaded once, as a real bucket holds it); each run puts its own shaper in front of it.
 # Then `bench report` renders it (about 50 minutes for 2 trials on the 2-core box before litdata and
 # mosaic were added: expect about 70).
-#   bash scripts/measure-regimes.sh [OUT] [TRIALS] [REPO]   (REPO: a checkout to measure; default here)
+#   [ONLY="torch wds ..."] bash scripts/measure-regimes.sh [OUT] [TRIALS] [REPO]   (REPO: a checkout to measure)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HERE=$PWD
@@ -27,11 +27,11 @@ declare -A OPT=([torch]="--loader torch -o num_workers=2" [dali]="--loader dali 
                 [dali-wds]="--loader dali -o num_threads=2 -o reader=wds" [ffcv]="--loader ffcv -o num_workers=2"
                 [wds]="--loader wds -o num_workers=2" [litdata]="--loader litdata -o num_workers=2"
                 [mosaic]="--loader mosaic -o num_workers=2")
+VARIANTS=${ONLY:-torch dali dali-wds ffcv wds litdata mosaic}  # ONLY="torch wds litdata": a subset
 REGIMES=("--storage warm" "--storage cold" "--storage s3 --s3-latency-ms 0" "--storage s3 --s3-latency-ms 10"
          "--storage s3 --s3-latency-ms 50")
 for t in $(seq "$TRIALS"); do
-  order=(torch dali dali-wds ffcv wds litdata mosaic)
-  (( t % 2 )) || order=(mosaic litdata wds ffcv dali-wds dali torch)
+  order=($VARIANTS); (( t % 2 )) || order=($(printf '%s\n' $VARIANTS | tac))
   for regime in "${REGIMES[@]}"; do
     extra=""; [[ $regime == *s3* ]] && extra="--s3-endpoint http://127.0.0.1:$PORT"
     for name in "${order[@]}"; do
@@ -47,4 +47,4 @@ for t in $(seq "$TRIALS"); do
 done
 rm -f "$OUT/.stderr"
 "$PY" -m bench.cli report "$OUT" --title "Storage regimes on the 2-core CPU box" \
-  --command "bash scripts/measure-regimes.sh $* (each run: bench run --loader NAME -o num_workers|num_threads=2 --storage ... --batch-size 32 --epochs 1 --warmup-steps 5)"
+  --command "${ONLY:+ONLY=\"$ONLY\" }bash scripts/measure-regimes.sh $* (each run: bench run --loader NAME -o num_workers|num_threads=2 --storage ... --batch-size 32 --epochs 1 --warmup-steps 5)"
