@@ -26,10 +26,14 @@ class LitFormat(Format):
         # waits forever when a worker fails (a full disk, measured), and copying JPEG bytes gains
         # nothing from its processes.
         from litdata.streaming.writer import BinaryWriter
+        from litdata.utilities.env import _DistributedEnv
         from tqdm import tqdm
 
         out.mkdir(parents=True)
         writer = BinaryWriter(str(out), chunk_bytes=chunk_bytes)
+        # One writer, whatever the run's world: under torchrun it would otherwise wait in merge() for
+        # an index from every rank, and only one rank converts.
+        writer._distributed_env, writer._rank = _DistributedEnv(1, 0, 1), 0
         for i in tqdm(range(len(index)), desc="litdata", disable=not progress, leave=False):
             writer.add_item(i, _item(index, i))
         writer.done()

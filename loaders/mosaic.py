@@ -55,8 +55,8 @@ class MosaicFormat(Format):
         if not objstore.is_url(location):
             with _alone():
                 return StreamingDataset(local=location, shuffle=False, batch_size=cfg.batch_size)
-        if os.environ.get("AWS_ENDPOINT_URL"):  # Mosaic's S3 client reads its own variable
-            os.environ.setdefault("S3_ENDPOINT_URL", os.environ["AWS_ENDPOINT_URL"])
+        if os.environ.get("AWS_ENDPOINT_URL"):  # Mosaic's S3 client reads its own variable, when it fetches
+            os.environ["S3_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL"]
         with _alone():
             ds = StreamingDataset(remote=location, local=str(cache), shuffle=False, batch_size=cfg.batch_size)
         prefix = getattr(ds, "_shm_prefix_int", None)

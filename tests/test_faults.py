@@ -23,7 +23,9 @@ from loaders.contract import FolderIndex, LoaderConfig
 from .conftest import REPO, available_backends, copy_tree
 
 DATA_READERS = available_backends(reads_data=True)
-PROCESS_WORKERS = [b for b in ("torch", "wds") if b in DATA_READERS]  # DALI and FFCV use threads
+PROCESS_WORKERS = [
+    b for b in ("torch", "wds", "litdata", "mosaic") if b in DATA_READERS
+]  # DALI, FFCV: threads
 
 
 def start_bench(*args: str, cwd: Path) -> subprocess.Popen:
