@@ -33,6 +33,7 @@ from .contract import BaseLoader, LoaderConfig, LoaderError, rank_share, scan_im
 from .feed import DeviceFeed
 from .images import check_decoder, collate_checked, describe_pipeline, sample, transform_for
 from .stored import (
+    _alive,
     cache_dir,
     cached,
     file_entry,
@@ -177,16 +178,6 @@ class PrivateCache:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class StreamedBackend(Backend):
     """A streaming format's backend: ``fmt`` says which library; the rest is shared."""
 
@@ -293,8 +284,6 @@ class Records(Dataset):
         epoch, i = key
         try:
             record = self.dataset()[i]
-        except LoaderError:
-            raise
         except Exception as exc:  # a chunk that cannot be read or fetched: not a bad sample, a bad store
             raise LoaderError(
                 f"{self.fmt.backend}: cannot read sample {i} of {self.location}: {type(exc).__name__}: "
