@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -48,6 +49,10 @@ class MosaicFormat(Format):
         with MDSWriter(out=str(out), columns=columns, size_limit=chunk_bytes, progress_bar=False) as w:
             for i in tqdm(range(len(index)), desc="mds", disable=not progress, leave=False):
                 w.write(_item(index, i))
+
+    def chunk_samples(self, out: Path) -> list[int]:
+        with open(out / "index.json") as f:
+            return [shard["samples"] for shard in json.load(f)["shards"]]
 
     def open(self, location: str, cache: Path | None, cfg: LoaderConfig):
         from streaming import StreamingDataset

@@ -24,12 +24,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from . import objstore
 from .backend import Backend
-from .contract import BaseLoader, LoaderConfig, LoaderError, rank_share, scan_imagefolder
+from .contract import BaseLoader, LoaderConfig, LoaderError, StateError, rank_share, scan_imagefolder
 from .feed import DeviceFeed
 from .images import check_decoder, collate_checked, describe_pipeline, sample, transform_for
 from .stored import (
@@ -59,6 +60,11 @@ class Options:
     timeout: float = 0  # seconds to wait for one batch from the workers; 0 waits forever
     decode: str = "cpu"  # cpu (torchvision.io, PIL fallback) | pil
     chunk_mb: float = 64.0  # chunk (litdata) or shard (mosaic) size when an ImageFolder is converted
+    order: str = "random"  # random: the contract's permutation | chunks: windows within a chunk
+
+
+ORDERS = ("random", "chunks")
+WINDOW = 256  # samples a chunk-local window holds: LitData's item_shuffle_window and Arrow batch
 
 
 class Format:
@@ -78,6 +84,10 @@ class Format:
         raise NotImplementedError
 
     def version(self) -> str:
+        raise NotImplementedError
+
+    def chunk_samples(self, out: Path) -> list[int]:
+        """Samples in each chunk (or shard) just written under ``out``, in index order."""
         raise NotImplementedError
 
     def close(self, dataset) -> None:
@@ -112,6 +122,7 @@ def convert(fmt: Format, split: Path, out: Path, chunk_mb: float, workers=None, 
             "source": str(Path(split).resolve()),
             "sources": [str(Path(p).relative_to(index.root)) for p in index.paths],
             "chunk_mb": chunk_mb,
+            "chunk_samples": fmt.chunk_samples(tmp),
             "files": [file_entry(p) | {"file": str(p.relative_to(tmp))} for p in files],
             "bytes": sum(p.stat().st_size for p in files),
             "mean_bytes": round(sum(os.path.getsize(p) for p in index.paths) / len(index)),
@@ -197,6 +208,8 @@ class StreamedBackend(Backend):
         check_worker_options(opts)
         check_decoder(opts.decode, self.name)
         _check_chunk(opts.chunk_mb)
+        if opts.order not in ORDERS:
+            raise LoaderError(f"-o order={opts.order}: {self.name} reads in order {' or '.join(ORDERS)}")
         if cfg.data is None:
             raise LoaderError(
                 f"the {self.name} backend needs data= (a {self.stored_format} folder, its s3:// URL, "
@@ -217,7 +230,7 @@ class StreamedBackend(Backend):
         out = cache_dir(self.name, split, {"chunk_mb": opts.chunk_mb}) / split.name
         return cached(
             out,
-            lambda p: read_local_manifest(self.fmt, p),
+            lambda p: _with_chunk_samples(read_local_manifest(self.fmt, p), p),
             lambda p: convert(self.fmt, split, p, opts.chunk_mb, progress=progress),
         )
 
@@ -248,6 +261,13 @@ class StreamedBackend(Backend):
             f"{self.name}: wrote {out} ({m['bytes'] / 1e6:.1f} MB, {m['samples']} samples, "
             f"{len(m['files'])} files) in {m['seconds']:.1f} s"
         )
+
+
+def _with_chunk_samples(manifest: dict, folder: Path) -> dict:
+    """A cached conversion from before the manifest recorded its chunks' sizes is converted again."""
+    if "chunk_samples" not in manifest:
+        raise LoaderError(f"{folder}: converted by an older loaderbench")
+    return manifest
 
 
 def _check_chunk(chunk_mb: float) -> None:
@@ -316,6 +336,11 @@ class StreamedLoader(BaseLoader):
         super().__init__(cfg, *rank_share(n, cfg, location), tuple(manifest["classes"]), split_size=n)
         self.name = fmt.backend
         self.options, self.fmt, self.location, self.manifest = opts, fmt, location, manifest
+        if opts.order == "chunks" and sum(manifest.get("chunk_samples") or [0]) != n:
+            raise LoaderError(
+                f"-o order=chunks: {location} was converted before its chunks' sample counts were "
+                f"recorded; convert it again (`bench data convert --to {fmt.backend}`)"
+            )
         self.cache = PrivateCache(fmt.backend, fmt.forget) if objstore.is_url(location) else None
         self._staged_bytes = None  # what the cache held when it was removed
         self.transform = transform_for(cfg, float_in_workers=not opts.device_normalize, decoder=opts.decode)
@@ -342,6 +367,33 @@ class StreamedLoader(BaseLoader):
             self.close()
             raise
 
+    def epoch_order(self) -> np.ndarray:
+        """``chunks``: the permutation of seed + epoch over windows of WINDOW samples that never cross
+        a chunk, each window shuffled, so that consecutive reads stay in one window, as the libraries'
+        own iterations read (LitData decodes a 256-row Arrow batch to read one row of it)."""
+        if self.options.order != "chunks" or not self.config.train:
+            return super().epoch_order()
+        g = torch.Generator().manual_seed(self.config.seed + self.epoch)
+        windows, start = [], 0
+        for count in self.manifest["chunk_samples"]:
+            windows += [(s, min(s + WINDOW, start + count)) for s in range(start, start + count, WINDOW)]
+            start += count
+        picks = torch.randperm(len(windows), generator=g).tolist()
+        return np.concatenate(
+            [a + torch.randperm(b - a, generator=g).numpy() for a, b in (windows[k] for k in picks)]
+        )
+
+    def _own_state(self) -> dict:
+        return {"order": self.options.order}
+
+    def _check_geometry(self, state: dict) -> None:
+        super()._check_geometry(state)
+        if state.get("order", "random") != self.options.order:
+            raise StateError(
+                f"loader state: read in order {state.get('order', 'random')!r}, this loader reads in "
+                f"order {self.options.order!r}"
+            )
+
     def split_fingerprint(self) -> str:
         if self._fingerprint is None:
             import hashlib
@@ -357,7 +409,12 @@ class StreamedLoader(BaseLoader):
         d.update(
             format=f"{self.fmt.kind} ({self.fmt.version()})",
             location=self.location,
-            order="the contract's: permutation of seed + epoch, strided by rank (the library's shuffle is not used)",
+            order=(
+                "the contract's: permutation of seed + epoch, strided by rank (the library's shuffle is not used)"
+                if self.options.order == "random"
+                else f"chunks: windows of {WINDOW} samples within a chunk, the windows and their samples "
+                "permuted by seed + epoch, strided by rank (the library's shuffle is not used)"
+            ),
             storage={
                 **{k: self.manifest[k] for k in ("samples", "bytes", "mean_bytes", "chunk_mb", "source")},
                 "files": len(self.manifest["files"]),

@@ -6,6 +6,7 @@
 # BEFORE=<commit> adds the torch backend of that commit (a git worktree) as "torch-before".
 # scripts/limit-table.py writes OUT/README.md. About 25 minutes for 3 trials on the 2-core box.
 #   [BEFORE=b8661cf] [ONLY="torch wds ..."] bash scripts/measure-limit.sh [OUT] [TRIALS]   (ONLY: a subset)
+# A name NAME+KEY=VALUE in ONLY is backend NAME with `-o KEY=VALUE` (e.g. litdata+order=chunks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(mkdir -p "${1:-reports/limit-cpu}" && cd "${1:-reports/limit-cpu}" && pwd); TRIALS=${2:-3}
@@ -20,9 +21,10 @@ fi
 SHAPE="--batch-size 64 --image-size 224 --steps 30 --warmup-steps 5 --no-eval"
 run() {  # run NAME K MODE-ARGS...
   local name=$1 k=$2; shift 2
-  local loader=$name dir=$PWD
+  local loader=${name%%+*} dir=$PWD opt=()
+  [[ $name == *+* ]] && opt=(-o "${name#*+}")
   [ "$name" = torch-before ] && { loader=torch; dir=/tmp/limit-before; }
-  (cd "$dir" && "$PY" -m bench.cli run --data "$DATA" --loader "$loader" --cpus "$k" --workers "$k" $SHAPE "$@" \
+  (cd "$dir" && "$PY" -m bench.cli run --data "$DATA" --loader "$loader" "${opt[@]}" --cpus "$k" --workers "$k" $SHAPE "$@" \
       --label "$name" --out "$OUT/runs" > /dev/null 2> "$OUT/.stderr") \
     || { echo "$name --cpus $k $*: failed:"; tail -n 5 "$OUT/.stderr"; } >> "$OUT/failures.log"
 }

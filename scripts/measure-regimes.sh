@@ -26,7 +26,9 @@ until curl -s "http://127.0.0.1:$PORT/moto-api/" > /dev/null; do sleep 0.2; done
 declare -A OPT=([torch]="--loader torch -o num_workers=2" [dali]="--loader dali -o num_threads=2"
                 [dali-wds]="--loader dali -o num_threads=2 -o reader=wds" [ffcv]="--loader ffcv -o num_workers=2"
                 [wds]="--loader wds -o num_workers=2" [litdata]="--loader litdata -o num_workers=2"
-                [mosaic]="--loader mosaic -o num_workers=2")
+                [mosaic]="--loader mosaic -o num_workers=2"
+                [litdata-chunks]="--loader litdata -o num_workers=2 -o order=chunks"
+                [mosaic-chunks]="--loader mosaic -o num_workers=2 -o order=chunks")
 VARIANTS=${ONLY:-torch dali dali-wds ffcv wds litdata mosaic}  # ONLY="torch wds litdata": a subset
 REGIMES=("--storage warm" "--storage cold" "--storage s3 --s3-latency-ms 0" "--storage s3 --s3-latency-ms 10"
          "--storage s3 --s3-latency-ms 50")

@@ -26,7 +26,7 @@ VARIANTS = {
     "wds": [dict(num_workers=0), dict(num_workers=2, device_normalize=True)],
     "spdl": [dict(num_threads=2), dict(num_threads=1, device_normalize=True, decode="ffmpeg")],
     "ray": [dict(ray_cpus=2)],
-    "litdata": [dict(num_workers=2)],
+    "litdata": [dict(num_workers=2, order="chunks")],  # mosaic reads the default order
     "mosaic": [dict(num_workers=2)],
 }
 CASES = [

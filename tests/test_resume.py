@@ -35,14 +35,15 @@ CASES = [
         ("spdl", {}),
         ("ray", {}),
         ("litdata", {}),
-        ("mosaic", {}),
+        ("mosaic", {"order": "chunks"}),
         ("toy", {}),
         ("synthetic", {}),
     ]
     if name in INSTALLED
 ]
 IDS = [n + ("-" + "-".join(f"{k}={v}" for k, v in o.items()) if o else "") for n, o in CASES]
-ELASTIC = [(n, o) for n, o in CASES if n not in ("wds", "synthetic") and not o]  # index-order readers
+# index-order readers
+ELASTIC = [(n, o) for n, o in CASES if n not in ("wds", "synthetic") and o.get("reader") != "wds"]
 
 
 def build(probe, name, opts, split="train", **kw):
@@ -144,7 +145,7 @@ def all_ids(batches):
     return [i for _, ids in batches for i in ids]
 
 
-@pytest.mark.parametrize("name,opts", ELASTIC, ids=[n for n, _ in ELASTIC])
+@pytest.mark.parametrize("name,opts", ELASTIC, ids=[IDS[CASES.index(c)] for c in ELASTIC])
 def test_elastic_restores_read_every_sample_once(probe, name, opts):
     everyone = set(probe["train"])
     # 2 ranks -> 1: two steps on each rank, then one rank reads the rest
@@ -181,7 +182,9 @@ def test_elastic_restores_read_every_sample_once(probe, name, opts):
         assert read(loader, name) == batches[2:]
 
 
-@pytest.mark.parametrize("name,opts", [c for c in CASES if c[0] == "wds" or c[1]], ids=lambda c: str(c))
+@pytest.mark.parametrize(
+    "name,opts", [c for c in CASES if "wds" in (c[0], c[1].get("reader"))], ids=lambda c: str(c)
+)
 def test_shard_readers_refuse_another_split_of_the_shards(probe, name, opts):
     with build(probe, name, opts, num_workers=2) as loader:
         read(loader, name, limit=1)
@@ -195,6 +198,35 @@ def test_shard_readers_refuse_another_split_of_the_shards(probe, name, opts):
             pytest.raises(StateError, match="num_workers 2"),
         ):
             other.load_state_dict(state)
+
+
+@pytest.mark.skipif("mosaic" not in INSTALLED, reason="mosaic not installed")
+def test_chunk_order_reads_windows_within_chunks_and_its_state_needs_it(probe, monkeypatch):
+    from loaders import streamed
+
+    monkeypatch.setattr(streamed, "WINDOW", 4)
+    with build(probe, "mosaic", {"order": "chunks"}) as loader:
+        loader.manifest = {**loader.manifest, "chunk_samples": [10, 11]}  # two chunks, as if written so
+        orders = []
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            orders.append(loader.epoch_order().tolist())
+        loader.set_epoch(0)
+        read(loader, "mosaic", limit=1)
+        state = loader.state_dict()
+    windows = [range(0, 4), range(4, 8), range(8, 10), range(10, 14), range(14, 18), range(18, 21)]
+    for order in orders:
+        assert sorted(order) == list(range(21))
+        at, seen = 0, []
+        while at < len(order):  # each window's samples together, a window never across two chunks
+            (w,) = [w for w in windows if order[at] in w]
+            assert sorted(order[at : at + len(w)]) == list(w)
+            seen.append(w)
+            at += len(w)
+        assert sorted(seen, key=lambda w: w.start) == windows
+    assert orders[0] != orders[1]
+    with build(probe, "mosaic", {}) as other, pytest.raises(StateError, match="order 'chunks'"):
+        other.load_state_dict(state)
 
 
 def test_foreign_damaged_and_newer_states_are_refused(probe):
