@@ -14,7 +14,6 @@ import functools
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import Sampler
 
 from . import objstore
 from .backend import Backend
@@ -28,7 +27,7 @@ from .images import (
     describe_pipeline,
     transform_for,
 )
-from .samples import Samples
+from .samples import EpochKeys, Samples
 from .workers import check_worker_options, worker_loader
 
 
@@ -80,20 +79,6 @@ class TorchBackend(Backend):
         )
 
 
-class _EpochKeys(Sampler):
-    """Wraps a rank's index sampler to yield (epoch, index) keys for ``Samples``."""
-
-    def __init__(self, loader: TorchLoader):
-        self.loader = loader
-
-    def __len__(self) -> int:
-        return self.loader.num_samples
-
-    def __iter__(self):
-        epoch = self.loader.epoch
-        return ((epoch, int(i)) for i in self.loader.epoch_indices())
-
-
 class TorchLoader(BaseLoader):
     name = "torch"
     index_order = True  # reads epoch_indices(): loader.sampler iterates them
@@ -115,7 +100,7 @@ class TorchLoader(BaseLoader):
             self.name,
             cfg.device.type == "cuda",
             batch_size=cfg.batch_size,
-            sampler=_EpochKeys(self),
+            sampler=EpochKeys(self),
             collate_fn=collate_encoded
             if gpu
             else functools.partial(collate_checked, normalize=self._transform.normalize),

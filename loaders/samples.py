@@ -5,7 +5,7 @@ batch's GETs go out together."""
 
 from __future__ import annotations
 
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from . import objstore
 from .gpudecode import encoded_sample
@@ -61,3 +61,18 @@ class Samples(Dataset):
             return source
         path = str(self.paths[i])
         return self.make(self.transform, source, path, int(self.labels[i]), self.seed, epoch, int(i))
+
+
+class EpochKeys(Sampler):
+    """A loader's ``epoch_indices()`` as (epoch, index) keys, this epoch's: what the index-order
+    backends' DataLoaders sample (``Samples`` and the streaming formats' ``Records`` take them)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return self.loader.num_samples
+
+    def __iter__(self):
+        epoch = self.loader.epoch
+        return ((epoch, int(i)) for i in self.loader.epoch_indices())

@@ -26,13 +26,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from . import objstore
 from .backend import Backend
 from .contract import BaseLoader, LoaderConfig, LoaderError, StateError, rank_share, scan_imagefolder
 from .feed import DeviceFeed
 from .images import check_decoder, collate_checked, describe_pipeline, sample, transform_for
+from .samples import EpochKeys
 from .stored import (
     _alive,
     cache_dir,
@@ -316,18 +317,6 @@ class Records(Dataset):
         return sample(self.transform, data, where, int(record["cls"]), self.cfg.seed, epoch, int(i))
 
 
-class _EpochKeys(Sampler):
-    def __init__(self, loader: StreamedLoader):
-        self.loader = loader
-
-    def __len__(self) -> int:
-        return self.loader.num_samples
-
-    def __iter__(self):
-        epoch = self.loader.epoch
-        return ((epoch, int(i)) for i in self.loader.epoch_indices())
-
-
 class StreamedLoader(BaseLoader):
     index_order = True  # reads epoch_indices(): loader.sampler iterates them
 
@@ -358,7 +347,7 @@ class StreamedLoader(BaseLoader):
                 self.name,
                 cfg.device.type == "cuda",
                 batch_size=cfg.batch_size,
-                sampler=_EpochKeys(self),
+                sampler=EpochKeys(self),
                 collate_fn=functools.partial(collate_checked, normalize=self.transform.normalize),
                 drop_last=cfg.drop_last,
                 generator=torch.Generator().manual_seed(cfg.seed),

@@ -11,6 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(mkdir -p "${1:-reports/limit-cpu}" && cd "${1:-reports/limit-cpu}" && pwd); TRIALS=${2:-3}
 PY="$PWD/.venv/bin/python"
+if compgen -G "$OUT/runs/*.json" > /dev/null; then  # the table reads every run there: it would mix them
+  echo "$OUT/runs holds an earlier measurement's runs: remove them (git rm -r) or choose another OUT" >&2; exit 2
+fi
 DATA=$("$PY" -c "from bench.data.synth import default_dataset; print(default_dataset())")
 LOADERS=${ONLY:-$("$PY" -c "from loaders import backends; print(' '.join(b.name for b in backends() if b.installed and not b.is_ceiling))")}
 if [ -n "${BEFORE:-}" ]; then

@@ -13,6 +13,9 @@ cd "$(dirname "$0")/.."
 HERE=$PWD
 OUT=$(mkdir -p "${1:-reports/regimes-cpu}" && cd "${1:-reports/regimes-cpu}" && pwd); TRIALS=${2:-2}
 REPO=$(cd "${3:-.}" && pwd)
+if compgen -G "$OUT/runs/*.json" > /dev/null; then  # the table reads every run there: it would mix them
+  echo "$OUT/runs holds an earlier measurement's runs: remove them (git rm -r) or choose another OUT" >&2; exit 2
+fi
 PY="$HERE/.venv/bin/python"
 DATA=$("$PY" -c "from bench.data.synth import default_dataset; print(default_dataset())")
 PORT=$("$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
