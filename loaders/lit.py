@@ -22,7 +22,7 @@ class LitFormat(Format):
     kind = "loaderbench litdata"
     backend = "litdata"
 
-    def write(self, index, out: Path, chunk_bytes: int, workers: int, progress: bool) -> None:
+    def write(self, index, order, out: Path, chunk_bytes: int, workers: int, progress: bool) -> None:
         # The writer ``litdata.optimize`` runs in each of its workers, run here in-process: optimize
         # waits forever when a worker fails (a full disk, measured), and copying JPEG bytes gains
         # nothing from its processes.
@@ -35,8 +35,8 @@ class LitFormat(Format):
         # One writer, whatever the run's world: under torchrun it would otherwise wait in merge() for
         # an index from every rank, and only one rank converts.
         writer._distributed_env, writer._rank = _DistributedEnv(1, 0, 1), 0
-        for i in tqdm(range(len(index)), desc="litdata", disable=not progress, leave=False):
-            writer.add_item(i, _item(index, i))
+        for position, i in enumerate(tqdm(order, desc="litdata", disable=not progress, leave=False)):
+            writer.add_item(position, _item(index, int(i)))
         writer.done()
         writer.merge()
 

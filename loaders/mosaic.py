@@ -41,14 +41,14 @@ class MosaicFormat(Format):
     backend = "mosaic"
     per_process = False  # its workers attach to the parent dataset's shared memory
 
-    def write(self, index, out: Path, chunk_bytes: int, workers: int, progress: bool) -> None:
+    def write(self, index, order, out: Path, chunk_bytes: int, workers: int, progress: bool) -> None:
         from streaming import MDSWriter
         from tqdm import tqdm
 
         columns = {"index": "int", "jpg": "bytes", "cls": "int"}
         with MDSWriter(out=str(out), columns=columns, size_limit=chunk_bytes, progress_bar=False) as w:
-            for i in tqdm(range(len(index)), desc="mds", disable=not progress, leave=False):
-                w.write(_item(index, i))
+            for i in tqdm(order, desc="mds", disable=not progress, leave=False):
+                w.write(_item(index, int(i)))
 
     def chunk_samples(self, out: Path) -> list[int]:
         with open(out / "index.json") as f:

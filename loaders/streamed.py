@@ -2,7 +2,7 @@
 written once with the library's own writer, read back through the library's own dataset.
 
 Written (``convert``): every sample's original JPEG bytes, its label and its ImageFolder index, in
-chunks or shards of ``chunk_mb``, under a temporary sibling renamed into place when complete, with
+a seeded random order (so that a chunk holds every class), in chunks or shards of ``chunk_mb``, under a temporary sibling renamed into place when complete, with
 our manifest (``loaderbench.json``: classes, source paths, every file's size and SHA-1) written last.
 
 Read: the library's ``StreamingDataset`` over the folder, or over its ``s3://`` URL, which the library
@@ -75,9 +75,10 @@ class Format:
     backend: str  # the backend's name, which is also `bench data convert --to`'s
     per_process = True  # each worker opens its own dataset; False: workers use the parent's
 
-    def write(self, index, out: Path, chunk_bytes: int, workers: int, progress: bool) -> None:
-        """Write every sample of ``index`` (a FolderIndex) under ``out`` with the library's writer, as
-        records {"index": ImageFolder index, "jpg": the file's bytes, "cls": its label}."""
+    def write(self, index, order, out: Path, chunk_bytes: int, workers: int, progress: bool) -> None:
+        """Write every sample of ``index`` (a FolderIndex) under ``out`` with the library's writer, in
+        ``order`` (ImageFolder indices), as records {"index": ImageFolder index, "jpg": the file's
+        bytes, "cls": its label}."""
         raise NotImplementedError
 
     def open(self, location: str, cache: Path | None, cfg: LoaderConfig):
@@ -112,8 +113,11 @@ def convert(fmt: Format, split: Path, out: Path, chunk_mb: float, workers=None, 
     out.parent.mkdir(parents=True, exist_ok=True)
     workers = max(1, workers or min(4, len(os.sched_getaffinity(0))))
     t0 = time.perf_counter()
+    # a seeded random order, as our shards are written: an ImageFolder's order is by class, so a
+    # chunk (and a window of order=chunks) would otherwise hold one or two classes
+    order = np.random.default_rng(0).permutation(len(index))
     with temp_output(out) as tmp:
-        fmt.write(index, tmp, int(chunk_mb * 1e6), workers, progress)
+        fmt.write(index, order, tmp, int(chunk_mb * 1e6), workers, progress)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {
             "kind": fmt.kind,
@@ -124,6 +128,7 @@ def convert(fmt: Format, split: Path, out: Path, chunk_mb: float, workers=None, 
             "sources": [str(Path(p).relative_to(index.root)) for p in index.paths],
             "chunk_mb": chunk_mb,
             "chunk_samples": fmt.chunk_samples(tmp),
+            "positions": order.tolist(),  # the ImageFolder index of each record, in the order written
             "files": [file_entry(p) | {"file": str(p.relative_to(tmp))} for p in files],
             "bytes": sum(p.stat().st_size for p in files),
             "mean_bytes": round(sum(os.path.getsize(p) for p in index.paths) / len(index)),
@@ -231,7 +236,7 @@ class StreamedBackend(Backend):
         out = cache_dir(self.name, split, {"chunk_mb": opts.chunk_mb}) / split.name
         return cached(
             out,
-            lambda p: _with_chunk_samples(read_local_manifest(self.fmt, p), p),
+            lambda p: _current(read_local_manifest(self.fmt, p), p),
             lambda p: convert(self.fmt, split, p, opts.chunk_mb, progress=progress),
         )
 
@@ -264,9 +269,10 @@ class StreamedBackend(Backend):
         )
 
 
-def _with_chunk_samples(manifest: dict, folder: Path) -> dict:
-    """A cached conversion from before the manifest recorded its chunks' sizes is converted again."""
-    if "chunk_samples" not in manifest:
+def _current(manifest: dict, folder: Path) -> dict:
+    """A cached conversion from before the manifest recorded its chunks' sizes and its records'
+    order (written in ImageFolder order) is converted again."""
+    if "chunk_samples" not in manifest or "positions" not in manifest:
         raise LoaderError(f"{folder}: converted by an older loaderbench")
     return manifest
 
@@ -287,6 +293,8 @@ class Records(Dataset):
         self.cfg, self.sources = loader.config, loader.manifest["sources"]
         self.root = loader.manifest["source"]  # where the split was converted from: errors name its files
         self.transform = loader.transform
+        self.position = np.empty_like(loader.positions)  # ImageFolder index -> record position
+        self.position[loader.positions] = np.arange(len(loader.positions))
         self._ds = None  # (pid, the library's dataset)
 
     def __getstate__(self):
@@ -303,14 +311,20 @@ class Records(Dataset):
 
     def __getitem__(self, key):
         epoch, i = key
+        at = int(self.position[i])
         try:
-            record = self.dataset()[i]
+            record = self.dataset()[at]
         except Exception as exc:  # a chunk that cannot be read or fetched: not a bad sample, a bad store
             raise LoaderError(
-                f"{self.fmt.backend}: cannot read sample {i} of {self.location}: {type(exc).__name__}: "
+                f"{self.fmt.backend}: cannot read sample {at} of {self.location}: {type(exc).__name__}: "
                 f"{str(exc)[:300]}"
             ) from None
-        where = os.path.join(self.root, self.sources[int(record["index"])])
+        if int(record["index"]) != i:
+            raise LoaderError(
+                f"{self.fmt.backend}: sample {at} of {self.location} is ImageFolder sample "
+                f"{int(record['index'])}, its manifest says {i}: not the manifest of these chunks"
+            )
+        where = os.path.join(self.root, self.sources[i])
         data = record["jpg"]
         if not isinstance(data, bytes | bytearray):
             data = bytes(data)
@@ -325,6 +339,13 @@ class StreamedLoader(BaseLoader):
         super().__init__(cfg, *rank_share(n, cfg, location), tuple(manifest["classes"]), split_size=n)
         self.name = fmt.backend
         self.options, self.fmt, self.location, self.manifest = opts, fmt, location, manifest
+        # ImageFolder index of each record; folders written before the order was recorded hold
+        # their records in ImageFolder order
+        self.positions = np.asarray(manifest.get("positions") or range(n), dtype=np.int64)
+        if not np.array_equal(np.sort(self.positions), np.arange(n)):
+            raise LoaderError(
+                f"{location}: its manifest's positions are not a permutation of its {n} samples"
+            )
         if opts.order == "chunks" and sum(manifest.get("chunk_samples") or [0]) != n:
             raise LoaderError(
                 f"-o order=chunks: {location} was converted before its chunks' sample counts were "
@@ -357,10 +378,14 @@ class StreamedLoader(BaseLoader):
             raise
 
     def epoch_order(self) -> np.ndarray:
-        """``chunks``: the permutation of seed + epoch over windows of WINDOW samples that never cross
-        a chunk, each window shuffled, so that consecutive reads stay in one window, as the libraries'
-        own iterations read (LitData decodes a 256-row Arrow batch to read one row of it)."""
-        if self.options.order != "chunks" or not self.config.train:
+        """ImageFolder indices in this epoch's order. Training, ``random``: the contract's permutation
+        of seed + epoch; ``chunks``: windows of WINDOW records that never cross a chunk, the windows
+        and the records in each permuted by seed + epoch, so that consecutive reads stay in one
+        window, as the libraries' own iterations read (LitData converts a 256-row Arrow batch to
+        return one row of it). Evaluation: the records' written order."""
+        if not self.config.train:
+            return self.positions  # evaluation: the records' own order, each chunk front to back
+        if self.options.order != "chunks":
             return super().epoch_order()
         g = torch.Generator().manual_seed(self.config.seed + self.epoch)
         windows, start = [], 0
@@ -368,9 +393,10 @@ class StreamedLoader(BaseLoader):
             windows += [(s, min(s + WINDOW, start + count)) for s in range(start, start + count, WINDOW)]
             start += count
         picks = torch.randperm(len(windows), generator=g).tolist()
-        return np.concatenate(
+        at = np.concatenate(
             [a + torch.randperm(b - a, generator=g).numpy() for a, b in (windows[k] for k in picks)]
         )
+        return self.positions[at]  # the records' ImageFolder indices, as every epoch order is
 
     def _own_state(self) -> dict:
         return {"order": self.options.order}
@@ -389,6 +415,8 @@ class StreamedLoader(BaseLoader):
 
             h = hashlib.blake2b(digest_size=8)
             h.update(repr((self.split_size, self.classes, self.manifest["sources"])).encode())
+            if "positions" in self.manifest:  # order=chunks reads the records' order
+                h.update(self.positions.tobytes())
             h.update(repr([(f["file"], f["bytes"]) for f in self.manifest["files"]]).encode())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
