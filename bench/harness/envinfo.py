@@ -72,7 +72,8 @@ def collect() -> dict:
         except importlib.metadata.PackageNotFoundError:
             pass
     commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    # reports/ is excluded: a measuring script rewrites its own report there while it runs
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)reports")
     return {
         "hostname": platform.node(),
         "platform": platform.platform(),
