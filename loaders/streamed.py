@@ -2,8 +2,9 @@
 written once with the library's own writer, read back through the library's own dataset.
 
 Written (``convert``): every sample's original JPEG bytes, its label and its ImageFolder index, in
-a seeded random order (so that a chunk holds every class), in chunks or shards of ``chunk_mb``, under a temporary sibling renamed into place when complete, with
-our manifest (``loaderbench.json``: classes, source paths, every file's size and SHA-1) written last.
+a seeded random order (so that a chunk holds every class), in chunks or shards of ``chunk_mb``,
+under a temporary sibling renamed into place when complete, with our manifest (``loaderbench.json``:
+classes, source paths, the written order, every file's size and SHA-1) written last.
 
 Read: the library's ``StreamingDataset`` over the folder, or over its ``s3://`` URL, which the library
 downloads chunk by chunk with its own S3 client into a private local cache (what it fetched is
@@ -89,7 +90,7 @@ class Format:
         raise NotImplementedError
 
     def chunk_samples(self, out: Path) -> list[int]:
-        """Samples in each chunk (or shard) just written under ``out``, in index order."""
+        """Samples in each chunk (or shard) just written under ``out``, in the order written."""
         raise NotImplementedError
 
     def close(self, dataset) -> None:
