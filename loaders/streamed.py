@@ -270,6 +270,15 @@ class StreamedBackend(Backend):
         )
 
 
+def chunk_windows(chunk_samples: list[int]) -> list[tuple[int, int]]:
+    """(start, end) positions of each window of WINDOW records, none across a chunk."""
+    windows, start = [], 0
+    for count in chunk_samples:
+        windows += [(s, min(s + WINDOW, start + count)) for s in range(start, start + count, WINDOW)]
+        start += count
+    return windows
+
+
 def _current(manifest: dict, folder: Path) -> dict:
     """A cached conversion from before the manifest recorded its chunks' sizes and its records'
     order (written in ImageFolder order) is converted again."""
@@ -389,10 +398,7 @@ class StreamedLoader(BaseLoader):
         if self.options.order != "chunks":
             return super().epoch_order()
         g = torch.Generator().manual_seed(self.config.seed + self.epoch)
-        windows, start = [], 0
-        for count in self.manifest["chunk_samples"]:
-            windows += [(s, min(s + WINDOW, start + count)) for s in range(start, start + count, WINDOW)]
-            start += count
+        windows = chunk_windows(self.manifest["chunk_samples"])
         picks = torch.randperm(len(windows), generator=g).tolist()
         at = np.concatenate(
             [a + torch.randperm(b - a, generator=g).numpy() for a, b in (windows[k] for k in picks)]

@@ -23,13 +23,13 @@ sys.path.insert(0, str(ROOT))
 def orders(folder: Path, n: int) -> dict[str, np.ndarray]:
     import json
 
-    from loaders.streamed import MANIFEST, WINDOW
+    from loaders.streamed import MANIFEST, chunk_windows
 
     rng = np.random.default_rng(0)
-    windows, start = [], 0
-    for count in json.loads((folder / MANIFEST).read_text())["chunk_samples"]:
-        windows += [np.arange(s, min(s + WINDOW, start + count)) for s in range(start, start + count, WINDOW)]
-        start += count
+    windows = [
+        np.arange(a, b)
+        for a, b in chunk_windows(json.loads((folder / MANIFEST).read_text())["chunk_samples"])
+    ]
     return {
         "index order": np.arange(n),
         "random (order=random)": rng.permutation(n),
